@@ -1,0 +1,1 @@
+"""The `retrodb` command line: a thin typer layer over the `retrodb` library."""

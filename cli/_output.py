@@ -1,0 +1,116 @@
+"""One output object: rich tables and progress bars for people, JSON lines for scripts.
+
+Data goes to stdout, warnings and errors to stderr; JSON mode prints no bars.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+
+class Output:
+    def __init__(self, fmt: str = "human"):
+        self.json = fmt == "json"
+        self.out = Console(soft_wrap=True)
+        self.err = Console(stderr=True)
+
+    def record(self, obj: Any) -> None:
+        """One JSON object on its own line (JSON mode only)."""
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=_jsonable) + "\n")
+        sys.stdout.flush()
+
+    def table(self, columns: list[str], rows: Iterable[Iterable[Any]], title: str | None = None) -> None:
+        t = Table(title=title, title_justify="left")
+        for c in columns:
+            t.add_column(c, overflow="fold")
+        for r in rows:
+            t.add_row(*["" if v is None else str(v) for v in r])
+        self.out.print(t)
+
+    def kv(self, pairs: Iterable[tuple[str, Any]], title: str | None = None) -> None:
+        t = Table(title=title, title_justify="left", show_header=False)
+        t.add_column(style="bold")
+        t.add_column()
+        for k, v in pairs:
+            t.add_row(k, "" if v is None else str(v))
+        self.out.print(t)
+
+    def say(self, message: str) -> None:
+        if not self.json:
+            self.out.print(message)
+
+    def warn(self, message: str) -> None:
+        self.err.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    def progress(self, description: str, unit: str = "documents"):
+        """A progress callback for library stages (a no-op in JSON mode)."""
+        return _NullProgress() if self.json else RichProgress(self.err, description, unit)
+
+
+def _jsonable(v):
+    from decimal import Decimal
+
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    if hasattr(v, "tolist"):  # numpy scalars and arrays
+        return v.tolist()
+    return str(v)
+
+
+class _NullProgress:
+    def __call__(self, counts: dict) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class RichProgress:
+    """Receives stage reports ({"total_bytes"|"total", "bytes", "documents", "tokens", "chunks"}) and draws a bar."""
+
+    def __init__(self, console: Console, description: str, unit: str):
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.unit = unit
+        self.counts: dict[str, int] = {}
+        self.started = time.perf_counter()
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, transient=False,
+        )
+        self.task = self.progress.add_task(description, total=None, detail="")
+
+    def __call__(self, counts: dict) -> None:
+        if "total_bytes" in counts:
+            self.progress.update(self.task, total=counts["total_bytes"])
+            return
+        if "total" in counts:
+            self.progress.update(self.task, total=counts["total"])
+            return
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        advance = counts.get("bytes", 0) + counts.get("advance", 0)
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        parts = [f"{self.counts.get(self.unit, 0):,} {self.unit}"]
+        if "tokens" in self.counts:
+            parts.append(f"{self.counts['tokens'] / elapsed:,.0f} tokens/s")
+        elif self.unit in self.counts:
+            parts.append(f"{self.counts[self.unit] / elapsed:,.0f} {self.unit}/s")
+        self.progress.update(self.task, advance=advance, detail=" · ".join(parts))
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()

@@ -1,0 +1,128 @@
+"""Database-level commands: init, stats, log, sql."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._options import AtOpt, DbArg, Format, FormatOpt
+from ._output import Output
+
+
+def init(
+    db: DbArg,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Local Hugging Face tokenizer directory (default: the bundled all-MiniLM-L6-v2's).")] = None,
+    chunk_size: Annotated[int, typer.Option(help="Tokens per chunk, fixed for the life of the database.", min=1)] = 64,
+    fmt: FormatOpt = Format.human,
+) -> None:
+    """Create an empty database.
+
+    [bold]Examples[/]
+
+      retrodb init my-db
+      retrodb init my-db --tokenizer ~/models/bert-base-cased --chunk-size 64
+    """
+    from retrodb.database import Database
+
+    d = Database.create(db, tokenizer, chunk_size)
+    out = Output(fmt.value)
+    info = {"path": str(db), "version": d.version, "chunk_size": d.config["chunk_size"],
+            "tokenizer": d.config["tokenizer"]["path"]}
+    if out.json:
+        out.record(info)
+    else:
+        out.say(f"created {db} (chunk size {info['chunk_size']}, tokenizer {info['tokenizer']})")
+
+
+def stats(db: DbArg, at: AtOpt = None, fmt: FormatOpt = Format.human) -> None:
+    """Documents, chunks, tokens, segments and bytes of a snapshot.
+
+    [bold]Examples[/]
+
+      retrodb stats my-db
+      retrodb stats my-db --format json | jq .chunks
+    """
+    import retrodb
+
+    s = retrodb.open(db, at=at).stats()
+    out = Output(fmt.value)
+    if out.json:
+        out.record(s)
+        return
+    out.kv([(k, f"{v:,}" if isinstance(v, int) else v) for k, v in s.items() if k != "per_segment"],
+           title=f"{db} @ v{s['version']}")
+    if s["per_segment"]:
+        out.table(["segment", "documents", "chunks", "tokens", "deleted chunks", "bytes", "files"],
+                  [[p["segment"], f"{p['documents']:,}", f"{p['chunks']:,}", f"{p['tokens']:,}",
+                    f"{p['deleted_chunks']:,}", f"{p['bytes']:,}", ", ".join(p["files"])] for p in s["per_segment"]])
+
+
+def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
+    """List retained snapshots: version, time, command, documents, chunks.
+
+    [bold]Examples[/]
+
+      retrodb log my-db
+      retrodb stats my-db --at 3     # read an older snapshot while it is retained
+    """
+    import retrodb
+
+    rows = retrodb.open(db).log()
+    out = Output(fmt.value)
+    if out.json:
+        for r in rows:
+            out.record(r)
+        return
+    out.table(["version", "created", "command", "documents", "chunks", "tokens", "segments"],
+              [[("* " if r["current"] else "") + str(r["version"]), r["created"], r["command"], f"{r['documents']:,}",
+                f"{r['chunks']:,}", f"{r['tokens']:,}", r["segments"]] for r in rows])
+
+
+def sql(
+    db: DbArg,
+    query: Annotated[str, typer.Argument(help="DuckDB SQL over the views documents, chunks and segments.")],
+    at: AtOpt = None,
+    fmt: FormatOpt = Format.human,
+    limit: Annotated[int, typer.Option(help="Most rows to print in human mode.")] = 100,
+) -> None:
+    """Run DuckDB SQL over the snapshot's tables (deleted documents excluded).
+
+    Views: [bold]documents[/](doc_id, source, metadata, text, num_chars, num_tokens, num_chunks,
+    first_chunk_id, segment), [bold]chunks[/](chunk_id, doc_id, position, char_start, char_end,
+    num_tokens, tokens, continuation_id, segment), [bold]segments[/](segment, documents, chunks).
+
+    [bold]Examples[/]
+
+      retrodb sql my-db "SELECT count(*) AS n FROM chunks"
+      retrodb sql my-db "SELECT doc_id, num_chunks FROM documents ORDER BY 2 DESC LIMIT 5" --format json
+    """
+    import duckdb
+
+    import retrodb
+    from retrodb.errors import RetrodbError
+
+    try:
+        table = retrodb.open(db, at=at).sql(query)
+    except duckdb.Error as exc:
+        raise RetrodbError(f"SQL error: {exc}".splitlines()[0], hint="the views are documents, chunks, segments") from None
+    out = Output(fmt.value)
+    if out.json:
+        for row in table.to_pylist():
+            out.record(row)
+        return
+    rows = table.slice(0, limit).to_pylist()
+    out.table(table.column_names, [[_short(v) for v in r.values()] for r in rows])
+    if table.num_rows > limit:
+        out.warn(f"showing {limit} of {table.num_rows:,} rows (--limit, or --format json for all)")
+
+
+def _short(v, width: int = 200):
+    s = str(v)
+    return s if len(s) <= width else s[: width - 1] + "…"
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (init, stats, log, sql):
+        app.command()(fn)

@@ -1,0 +1,81 @@
+"""`retrodb`: entry point. Registers one module per command group and maps errors to exit codes.
+
+Exit codes: 0 success, 1 a known error (message on stderr, no traceback),
+2 usage error. RETRODB_DEBUG=1 shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+try:  # typer >= 0.20 vendors click; older releases use the click package
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+
+from . import db as db_commands
+from . import ingest as ingest_commands
+
+HELP = """Build, edit and query the retrieval database of a RETRO model.
+
+[bold]Examples[/]
+
+  retrodb ingest my-db corpus/            # chunk a folder of .txt/.md/.jsonl/.parquet
+  retrodb stats my-db
+  retrodb sql my-db "SELECT doc_id, count(*) FROM chunks GROUP BY 1 LIMIT 5"
+  retrodb log my-db
+"""
+
+app = typer.Typer(
+    name="retrodb",
+    help=HELP,
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+db_commands.register(app)
+ingest_commands.register(app)
+
+
+def run(argv: list[str]) -> int:
+    """Run the CLI on `argv`; returns the exit code instead of exiting (tests call this)."""
+    from retrodb.errors import RetrodbError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        result = app(args=argv, prog_name="retrodb", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except typer.Exit as exc:
+        return exc.exit_code
+    except click_exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 1
+    except RetrodbError as exc:
+        if os.environ.get("RETRODB_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug: say so, and how to see the traceback
+        if os.environ.get("RETRODB_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc}\n  rerun with RETRODB_DEBUG=1 for the traceback, "
+              "and please report it", file=sys.stderr)
+        return 1
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))

@@ -1,0 +1,261 @@
+"""A database directory: open a snapshot to read, or take the writer lock to commit.
+
+Layout (see ../shared/DESIGN.md):
+  CURRENT                      name of the current manifest
+  manifests/v-NNNNNNNN.json    snapshots
+  segments/seg-NNNNNN/         immutable segment files
+  LOCK                         writer lock (flock) and who holds it
+  _work/                       progress markers of unfinished jobs; never data
+  audit.jsonl                  redaction audit log (append-only)
+Temporary files are named `.tmp-*` and are removed by the next writer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from . import snapshot as snap
+from .atomic import TMP_PREFIX, atomic_write_bytes
+from .errors import ConfigMismatch, DatabaseNotFound, RetrodbError
+from .lock import WriterLock
+from .snapshot import Snapshot
+
+WORK = "_work"
+DEFAULT_CHUNK_SIZE = 64
+
+
+def default_config(tokenizer_dir: str | Path | None, chunk_size: int) -> dict:
+    from .schema import token_type_for
+    from .tokenizer import default_model_dir, tokenizer_info
+
+    if chunk_size < 1:
+        raise RetrodbError(f"--chunk-size must be at least 1, not {chunk_size}")
+    info = tokenizer_info(tokenizer_dir or default_model_dir())
+    return {
+        "chunk_size": chunk_size,
+        "tokenizer": {
+            "path": info.path,
+            "sha256": info.sha256,
+            "vocab_size": info.vocab_size,
+            "token_type": token_type_for(info.vocab_size),
+        },
+        "embedder": None,
+        "index": None,
+    }
+
+
+class Database:
+    """A handle on one snapshot of a database (the current one unless `at` is given)."""
+
+    def __init__(self, root: str | Path, at: int | None = None):
+        self.root = Path(root)
+        self.snapshot: Snapshot = (
+            snap.read_current(self.root) if at is None else snap.read_manifest(self.root, at)
+        )
+
+    # ------------------------------------------------------------ creation
+
+    @classmethod
+    def create(cls, root: str | Path, tokenizer: str | Path | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+               exist_ok: bool = False) -> "Database":
+        root = Path(root)
+        if (root / snap.CURRENT).exists():
+            if exist_ok:
+                return cls(root)
+            raise RetrodbError(f"{root} is already a retrodb database", hint=f"inspect it with: retrodb stats {root}")
+        if root.exists() and any(p for p in root.iterdir() if p.name != snap.MANIFESTS):
+            raise RetrodbError(f"{root} exists and is not empty; refusing to create a database there")
+        config = default_config(tokenizer, chunk_size)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / snap.SEGMENTS).mkdir(exist_ok=True)
+        with WriterLock(root, "init"):
+            if not (root / snap.CURRENT).exists():
+                snap.write_snapshot(root, {
+                    "version": 0, "parent": None, "command": "init", "config": config,
+                    "next_segment": 1, "segments": {}, "pending": {},
+                })
+        return cls(root)
+
+    @classmethod
+    def open_or_create(cls, root: str | Path, tokenizer=None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Database":
+        root = Path(root)
+        if (root / snap.CURRENT).exists():
+            db = cls(root)
+            if tokenizer is not None:
+                db.check_tokenizer(tokenizer)
+            return db
+        return cls.create(root, tokenizer, chunk_size)
+
+    def check_tokenizer(self, tokenizer: str | Path) -> None:
+        from .tokenizer import tokenizer_info
+
+        info = tokenizer_info(tokenizer)
+        have = self.snapshot.config["tokenizer"]
+        if info.sha256 != have["sha256"]:
+            raise ConfigMismatch(
+                f"{self.root} was built with the tokenizer at {have['path']} (sha256 {have['sha256'][:12]}); "
+                f"{info.path} is a different tokenizer (sha256 {info.sha256[:12]})",
+                hint="leave out --tokenizer, or build a new database for the other tokenizer",
+            )
+
+    # ------------------------------------------------------------ reading
+
+    @property
+    def version(self) -> int:
+        return self.snapshot.version
+
+    @property
+    def config(self) -> dict:
+        return self.snapshot.config
+
+    def log(self) -> list[dict]:
+        """Every retained snapshot, oldest first."""
+        out = []
+        for v in snap.retained_versions(self.root):
+            try:
+                s = snap.read_manifest(self.root, v)
+            except RetrodbError:
+                continue
+            out.append({"version": v, "created": s.data["created"], "command": s.data["command"],
+                        **{k: s.totals()[k] for k in ("documents", "chunks", "tokens")},
+                        "segments": len(s.segments), "current": v == self.current_version()})
+        return out
+
+    def current_version(self) -> int:
+        return snap.current_version(self.root)
+
+    def stats(self) -> dict:
+        s = self.snapshot
+        totals = s.totals()
+        per_segment = []
+        for name, seg in sorted(s.segments.items()):
+            per_segment.append({
+                "segment": name,
+                "documents": seg["documents"] - seg.get("deleted_documents", 0),
+                "chunks": seg["chunks"] - seg.get("deleted_chunks", 0),
+                "tokens": seg["tokens"] - seg.get("deleted_tokens", 0),
+                "deleted_chunks": seg.get("deleted_chunks", 0),
+                "bytes": sum(f["bytes"] for f in seg["files"].values()),
+                "files": sorted(seg["files"]),
+            })
+        return {
+            "path": str(self.root),
+            "version": s.version,
+            "documents": totals["documents"],
+            "chunks": totals["chunks"],
+            "tokens": totals["tokens"],
+            "deleted_documents": totals["deleted_documents"],
+            "deleted_chunks": totals["deleted_chunks"],
+            "segments": len(s.segments),
+            "bytes": sum(f["bytes"] for f in s.files()),
+            "chunk_size": s.chunk_size,
+            "tokenizer": s.config["tokenizer"]["path"],
+            "embedder": (s.config.get("embedder") or {}).get("path"),
+            "per_segment": per_segment,
+        }
+
+    def sql(self, query: str):
+        """Run DuckDB SQL over this snapshot's `documents` and `chunks` views; returns a pyarrow Table."""
+        from .sql import connect
+
+        con = connect(self.snapshot)
+        try:
+            return con.sql(query).to_arrow_table()
+        finally:
+            con.close()
+
+    # ------------------------------------------------------------ writing
+
+    @contextmanager
+    def writer(self, command: str, wait: float = 0.0, keep_job: str | None = None) -> Iterator["Writer"]:
+        """Hold the writer lock, clean leftovers of interrupted commands, and commit through the yielded Writer."""
+        with WriterLock(self.root, command, wait=wait) as lock:
+            w = Writer(self, command, lock)
+            w.cleanup(keep_job)
+            yield w
+        self.snapshot = snap.read_current(self.root)
+
+
+class Writer:
+    """The one process allowed to commit; `base` is the latest snapshot when the lock was taken."""
+
+    def __init__(self, db: Database, command: str, lock: WriterLock):
+        self.db = db
+        self.root = db.root
+        self.command = command
+        self.lock = lock
+        self.base = snap.read_current(self.root)
+
+    def work_dir(self, job: str) -> Path:
+        path = self.root / WORK / job
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def segment_dir(self, number: int) -> Path:
+        return self.root / snap.SEGMENTS / snap.segment_name(number)
+
+    def cleanup(self, keep_job: str | None = None) -> list[str]:
+        """Remove what interrupted commands left: temporary files, uncommitted manifests and segments, stale jobs.
+
+        Files of the job `keep_job` (and the segments it claims) stay, so it can resume.
+        """
+        removed: list[str] = []
+        kept_segments: set[int] = set()
+        work = self.root / WORK
+        if work.exists():
+            for job in work.iterdir():
+                plan = _read_json(job / "plan.json")
+                if job.name == keep_job and plan and plan.get("base_version") == self.base.version:
+                    kept_segments.update(plan.get("segments", []))
+                    continue
+                shutil.rmtree(job, ignore_errors=True)
+                removed.append(str(job))
+        for v in snap.retained_versions(self.root):
+            if v > self.base.version:
+                (self.root / snap.MANIFESTS / snap.manifest_name(v)).unlink(missing_ok=True)
+                removed.append(f"manifest v{v}")
+        seg_root = self.root / snap.SEGMENTS
+        for d in seg_root.iterdir() if seg_root.exists() else []:
+            try:
+                number = int(d.name.removeprefix("seg-"))
+            except ValueError:
+                continue
+            if number >= self.base.data["next_segment"] and number not in kept_segments:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(str(d))
+        for tmp in self.root.rglob(f"{TMP_PREFIX}*"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(str(tmp))
+        return removed
+
+    def commit(self, data: dict) -> Snapshot:
+        """Write `data` (from `self.base.derive(...)`) as the next snapshot and make it current."""
+        if data["version"] != self.base.version + 1:
+            raise RetrodbError(f"internal: commit of version {data['version']} on top of {self.base.version}")
+        self.base = snap.write_snapshot(self.root, data)
+        self.db.snapshot = self.base
+        return self.base
+
+    def write_json(self, path: Path, obj) -> None:
+        atomic_write_bytes(path, json.dumps(obj).encode())
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def open(root: str | Path, at: int | None = None) -> Database:  # noqa: A001 - mirrors retrodb.open
+    """Open the database at `root` (current snapshot, or version `at`)."""
+    if not (Path(root) / snap.CURRENT).exists() and not Path(root).exists():
+        raise DatabaseNotFound(f"no retrodb database at {root}", hint=f"create it with: retrodb init {root}")
+    return Database(root, at)

@@ -1,0 +1,259 @@
+"""`retrodb ingest`: read sources, chunk them into new segments, commit once.
+
+Resumable: the job is keyed by its inputs and options; each finished segment
+leaves a marker under `_work/<job>/`, so a rerun of the same command after a
+crash skips finished segments and redoes the rest. Nothing is visible before
+the single commit at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .database import Database, Writer
+from .errors import BadInput, RetrodbError
+from .executor import make_executor
+from .readers import FORMATS, Issue, ReadOptions, pack_units, plan_pieces, stdin_units
+from .segment import write_table_file
+from .snapshot import segment_name
+from .stages.ingest import IngestStage
+
+DEFAULT_SEGMENT_BYTES = 64 << 20  # input bytes per segment (about 15M tokens of English)
+ON_ERROR = ("skip", "fail")
+
+
+@dataclass
+class IngestOptions:
+    fmt: str = "auto"
+    text_field: str = "text"
+    id_field: str = "id"
+    on_error: str = "skip"
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    workers: int | None = None
+    executor: str = "local"
+    ray_address: str | None = None
+
+    def check(self) -> None:
+        if self.fmt not in FORMATS:
+            raise RetrodbError(f"unknown --format {self.fmt!r}; use one of {', '.join(FORMATS)}")
+        if self.on_error not in ON_ERROR:
+            raise RetrodbError(f"unknown --on-error {self.on_error!r}; use skip or fail")
+        if self.segment_bytes < 1:
+            raise RetrodbError("--segment-bytes must be positive")
+
+
+@dataclass
+class IngestReport:
+    version: int
+    documents: int = 0
+    chunks: int = 0
+    tokens: int = 0
+    segments: list[str] = field(default_factory=list)
+    resumed_segments: int = 0
+    issue_counts: dict[str, int] = field(default_factory=dict)
+    issues: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.issue_counts.values())
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["skipped"] = self.skipped
+        d["tokens_per_s"] = round(self.tokens / self.seconds) if self.seconds else None
+        return d
+
+
+@dataclass
+class StagedSegments:
+    """Segments written (not yet committed) by one ingest job, after de-duplication."""
+
+    entries: dict[str, dict]
+    next_segment: int
+    report: IngestReport
+    job_dir: Path
+    replaced: list[dict] = field(default_factory=list)  # existing docs superseded (add --replace)
+
+
+def job_key(sources: list[str], pieces, opts: IngestOptions, config: dict) -> str:
+    if "-" in sources:
+        return "ingest-" + uuid.uuid4().hex[:16]  # stdin cannot be re-read: never resumed
+    h = hashlib.sha256()
+    for p in pieces:
+        st = Path(p.path).stat()
+        h.update(json.dumps([p.path, p.start, p.end, st.st_size, st.st_mtime_ns]).encode())
+    h.update(json.dumps([opts.fmt, opts.text_field, opts.id_field, opts.segment_bytes,
+                         config["chunk_size"], config["tokenizer"]["sha256"]]).encode())
+    return "ingest-" + h.hexdigest()[:16]
+
+
+def ingest(root: str | Path, sources: list[str], opts: IngestOptions | None = None, *,
+           tokenizer: str | Path | None = None, chunk_size: int = 64, wait: float = 0.0,
+           progress=None, stdin=None) -> IngestReport:
+    """Ingest `sources` into the database at `root` (created if missing); one commit."""
+    opts = opts or IngestOptions()
+    opts.check()
+    if not sources:
+        raise RetrodbError("nothing to ingest: give at least one file, folder, or - for stdin")
+    db = Database.open_or_create(root, tokenizer, chunk_size)
+    started = time.perf_counter()
+    pieces, plan_issues = plan_pieces(sources, opts.fmt, opts.segment_bytes, ReadOptions(opts.text_field, opts.id_field))
+    job = job_key(sources, pieces, opts, db.config)
+    with db.writer("ingest", wait=wait, keep_job=job) as w:
+        staged = stage_sources(w, job, pieces, plan_issues, opts, progress=progress, stdin=stdin)
+        version = w.base.version
+        if staged.entries:  # nothing new (all skipped): no empty snapshot
+            data = w.base.derive("ingest")
+            data["segments"].update(staged.entries)
+            data["next_segment"] = staged.next_segment
+            version = w.commit(data).version
+        shutil.rmtree(staged.job_dir, ignore_errors=True)
+    report = staged.report
+    report.version = version
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def stage_sources(w: Writer, job: str, pieces, plan_issues: list[Issue], opts: IngestOptions, *,
+                  replace: bool = False, progress=None, stdin=None) -> StagedSegments:
+    """Write the segments of one ingest job under the writer lock, without committing them."""
+    report = IngestReport(version=w.base.version)
+    for issue in plan_issues:
+        _fail_or_count(issue, opts, report)
+    job_dir = w.work_dir(job)
+    config = w.base.config
+    first = w.base.data["next_segment"]
+    if pieces and pieces[0].fmt == "lines":  # stdin: units are cut as the stream arrives
+        counter = iter(range(first, 1 << 31))
+        units = stdin_units(stdin or sys.stdin.buffer, opts.segment_bytes, lambda: next(counter))
+        total = None
+        planned: list[int] = []
+    else:
+        unit_list = pack_units(pieces, opts.segment_bytes, first)
+        units = unit_list
+        total = sum(u.size for u in unit_list)
+        planned = [u.segment for u in unit_list]
+    w.write_json(job_dir / "plan.json", {"base_version": w.base.version, "segments": planned})
+    if progress is not None and total is not None:
+        progress({"total_bytes": total})
+    stage = IngestStage(w.root, job_dir, config, ReadOptions(opts.text_field, opts.id_field), opts.on_error)
+    workers = opts.workers
+    if workers is None and total is not None:
+        workers = max(1, min(len(planned), make_executor("local").workers))
+    executor = make_executor(opts.executor, workers, opts.ray_address)
+    try:
+        results = executor.run(stage, units, on_progress=progress)
+    except BadInput:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+    results.sort(key=lambda r: r["segment"])
+    entries: dict[str, dict] = {}
+    last = first - 1
+    for r in results:
+        last = max(last, r["segment"])
+        report.resumed_segments += int(r.get("resumed", False))
+        for kind, n in r["issue_counts"].items():
+            report.issue_counts[kind] = report.issue_counts.get(kind, 0) + n
+        report.issues.extend(r["issues"][: max(0, 1000 - len(report.issues))])
+        if r["documents"]:
+            entries[segment_name(r["segment"])] = {
+                "documents": r["documents"], "chunks": r["chunks"], "tokens": r["tokens"], "files": r["files"],
+            }
+    replaced = _deduplicate(w, job_dir, entries, opts, report, replace)
+    for e in entries.values():
+        report.documents += e["documents"]
+        report.chunks += e["chunks"]
+        report.tokens += e["tokens"]
+    report.segments = sorted(entries)
+    return StagedSegments(entries, last + 1, report, job_dir, replaced)
+
+
+def _fail_or_count(issue: Issue, opts: IngestOptions, report: IngestReport) -> None:
+    if opts.on_error == "fail":
+        raise BadInput(str(issue), hint="fix the input, or pass --on-error skip to skip bad records")
+    report.issue_counts[issue.kind] = report.issue_counts.get(issue.kind, 0) + 1
+    if len(report.issues) < 1000:
+        report.issues.append({"kind": issue.kind, "where": issue.where, "message": issue.message})
+
+
+def _deduplicate(w: Writer, job_dir: Path, entries: dict[str, dict], opts: IngestOptions,
+                 report: IngestReport, replace: bool) -> list[dict]:
+    """Drop documents whose id repeats an earlier new document or (unless `replace`) a live one.
+
+    Returns the live documents that new ones replace (segment, doc_id, first_chunk_id, num_chunks).
+    """
+    if not entries:
+        return []
+    from .sql import _files, connect
+
+    con = connect(w.base)
+    try:
+        files = [w.root / e["files"]["documents"]["path"] for e in entries.values()]
+        con.execute(
+            "CREATE TEMP TABLE new_docs AS SELECT doc_id, source, "
+            "regexp_extract(filename, '(seg-[0-9]+)/[^/]+$', 1) AS segment, file_row_number AS rn "
+            f"FROM read_parquet({_files(files)}, filename=true, file_row_number=true)"
+        )
+        dups = con.execute(
+            "SELECT segment, doc_id, source FROM (SELECT *, row_number() OVER "
+            "(PARTITION BY doc_id ORDER BY segment, rn) AS k FROM new_docs) WHERE k > 1 ORDER BY segment, rn"
+        ).fetchall()
+        existing = con.execute(
+            "SELECT segment, doc_id, first_chunk_id, num_chunks FROM documents "
+            "WHERE doc_id IN (SELECT doc_id FROM new_docs) ORDER BY segment, doc_id"
+        ).fetchall()
+        clashing = con.execute(
+            "SELECT segment, doc_id, source FROM new_docs WHERE doc_id IN (SELECT doc_id FROM documents) "
+            "ORDER BY segment, rn"
+        ).fetchall() if existing and not replace else []
+    finally:
+        con.close()
+    drop: dict[str, set[str]] = {}
+    for seg, doc_id, source in dups:
+        drop.setdefault(seg, set()).add(doc_id)
+        _fail_or_count(Issue("duplicate-id", source, f"duplicate document id {doc_id!r}; first one kept"), opts, report)
+    for seg, doc_id, source in clashing:
+        drop.setdefault(seg, set()).add(doc_id)
+        _fail_or_count(Issue("duplicate-id", source, f"document id {doc_id!r} is already in the database; "
+                             "skipped (use retrodb add --replace to replace it)"), opts, report)
+    for seg, ids in drop.items():
+        _drop_documents(w, job_dir, seg, entries, ids)
+    if not replace:
+        return []
+    return [{"segment": s, "doc_id": d, "first_chunk_id": f, "num_chunks": n} for s, d, f, n in existing]
+
+
+def _drop_documents(w: Writer, job_dir: Path, seg: str, entries: dict[str, dict], doc_ids: set[str]) -> None:
+    """Rewrite one staged (uncommitted) segment without `doc_ids`; its other chunk ids are unchanged."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    entry = entries[seg]
+    ids = pa.array(sorted(doc_ids))
+    for kind in ("documents", "chunks"):
+        path = w.root / entry["files"][kind]["path"]
+        table = pq.read_table(path)
+        table = table.filter(pc.invert(pc.is_in(table["doc_id"], value_set=ids)))
+        if kind == "documents":
+            entry["documents"] = table.num_rows
+            entry["tokens"] = int(pc.sum(table["num_tokens"]).as_py() or 0)
+        else:
+            entry["chunks"] = table.num_rows
+        entry["files"][kind] = write_table_file(w.root, path, table)
+    marker = job_dir / f"{seg}.done.json"
+    result = json.loads(marker.read_text())
+    result.update({k: entry[k] for k in ("documents", "chunks", "tokens", "files")})
+    if entry["documents"] == 0:
+        shutil.rmtree(w.segment_dir(int(seg[4:])), ignore_errors=True)
+        del entries[seg]
+        result["files"] = {}
+    w.write_json(marker, result)

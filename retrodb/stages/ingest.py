@@ -1,0 +1,115 @@
+"""Ingest stage: one work unit of input -> one segment (documents + chunks Parquet)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .. import faults
+from ..atomic import atomic_write_bytes
+from ..errors import BadInput
+from ..readers import Document, Issue, ReadOptions, WorkUnit, read_unit
+from ..segment import SegmentWriter
+from ..snapshot import SEGMENTS, segment_name
+from ..tokenizer import chunk_batch, load_tokenizer
+from .base import Stage
+
+MAX_ISSUES_KEPT = 200  # per unit; counts are always exact
+BATCH_CHARS = 1 << 20  # tokenise about 1 MB of text per batch call
+BATCH_DOCS = 2048
+
+
+class IngestStage(Stage):
+    name = "ingest"
+
+    def __init__(self, root: Path, job_dir: Path, config: dict, read_opts: ReadOptions, on_error: str = "skip"):
+        self.root = Path(root)
+        self.job_dir = Path(job_dir)
+        self.tokenizer_path = config["tokenizer"]["path"]
+        self.token_type = config["tokenizer"]["token_type"]
+        self.chunk_size = config["chunk_size"]
+        self.read_opts = read_opts
+        self.on_error = on_error
+
+    def marker(self, segment: int) -> Path:
+        return self.job_dir / f"{segment_name(segment)}.done.json"
+
+    def run(self, unit: WorkUnit) -> dict:
+        marker = self.marker(unit.segment)
+        if marker.exists():
+            result = json.loads(marker.read_text())
+            result["resumed"] = True
+            self.report(bytes=unit.size, documents=result["documents"], tokens=result["tokens"])
+            return result
+        seg_dir = self.root / SEGMENTS / segment_name(unit.segment)
+        if seg_dir.exists():  # a half-written attempt of this same unit
+            shutil.rmtree(seg_dir)
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        writer = SegmentWriter(self.root, seg_dir, unit.segment, self.token_type)
+        issues: list[dict] = []
+        counts: dict[str, int] = {}
+        seen: set[str] = set()
+        batch: list[Document] = []
+        batch_chars = 0
+
+        def note(issue: Issue) -> None:
+            if self.on_error == "fail":
+                raise BadInput(str(issue), hint="fix the input, or pass --on-error skip to skip bad records")
+            counts[issue.kind] = counts.get(issue.kind, 0) + 1
+            if len(issues) < MAX_ISSUES_KEPT:
+                issues.append({"kind": issue.kind, "where": issue.where, "message": issue.message})
+
+        def flush() -> None:
+            nonlocal batch, batch_chars
+            if not batch:
+                return
+            chunked = chunk_batch(tokenizer, [d.text for d in batch], self.chunk_size)
+            keep = chunked.doc_token_counts > 0
+            if not keep.all():  # text with no tokens at all (e.g. only control characters)
+                for d, k in zip(batch, keep):
+                    if not k:
+                        note(Issue("empty", d.source, "skipped: no tokens in document"))
+                batch = [d for d, k in zip(batch, keep) if k]
+                chunked = chunk_batch(tokenizer, [d.text for d in batch], self.chunk_size) if batch else None
+            if chunked is not None:
+                writer.write(batch, chunked)
+                self.report(documents=len(batch), tokens=int(chunked.doc_token_counts.sum()))
+            batch, batch_chars = [], 0
+
+        try:
+            for item in read_unit(unit, self.read_opts):
+                if isinstance(item, Issue):
+                    note(item)
+                    continue
+                if item.doc_id in seen:
+                    note(Issue("duplicate-id", item.source, f"duplicate document id {item.doc_id!r}; first one kept"))
+                    continue
+                seen.add(item.doc_id)
+                batch.append(item)
+                batch_chars += len(item.text)
+                if batch_chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
+                    flush()
+            flush()
+            faults.point("ingest.before_close")
+        except BaseException:
+            writer.abort()
+            raise
+        files = writer.close()
+        result = {
+            "segment": unit.segment,
+            "documents": writer.documents,
+            "chunks": writer.chunks,
+            "tokens": writer.tokens,
+            "files": files,
+            "issues": issues,
+            "issue_counts": counts,
+        }
+        if writer.documents == 0:
+            shutil.rmtree(seg_dir, ignore_errors=True)
+            result["files"] = {}
+        faults.point("ingest.before_marker")
+        atomic_write_bytes(marker, json.dumps(result).encode())
+        faults.point("ingest.segment_done")
+        self.report(bytes=unit.size)
+        return result
