@@ -17,6 +17,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
 from . import db as db_commands
+from . import embed as embed_commands
 from . import ingest as ingest_commands
 
 HELP = """Build, edit and query the retrieval database of a RETRO model.
@@ -24,6 +25,7 @@ HELP = """Build, edit and query the retrieval database of a RETRO model.
 [bold]Examples[/]
 
   retrodb ingest my-db corpus/            # chunk a folder of .txt/.md/.jsonl/.parquet
+  retrodb embed my-db                     # frozen-BERT keys (GPU if present)
   retrodb stats my-db
   retrodb sql my-db "SELECT doc_id, count(*) FROM chunks GROUP BY 1 LIMIT 5"
   retrodb log my-db
@@ -40,6 +42,7 @@ app = typer.Typer(
 )
 db_commands.register(app)
 ingest_commands.register(app)
+embed_commands.register(app)
 
 
 def run(argv: list[str]) -> int:
