@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import queue
 import shutil
+import threading
 from pathlib import Path
 
 from .. import faults
@@ -18,6 +20,36 @@ from .base import Stage
 MAX_ISSUES_KEPT = 200  # per unit; counts are always exact
 BATCH_CHARS = 1 << 20  # tokenise about 1 MB of text per batch call
 BATCH_DOCS = 2048
+
+
+class Pipeline:
+    """Runs writes on one background thread (Parquet encoding and zstd release the GIL), so the
+    next batch is tokenised while the previous one is written. At most two batches wait."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    item[0](*item[1:])
+                except BaseException as exc:  # re-raised in the submitting thread
+                    self._error = exc
+
+    def submit(self, fn, *args) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((fn, *args))
+
+    def close(self, check: bool = True) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if check and self._error is not None:
+            raise self._error
 
 
 class IngestStage(Stage):
@@ -73,10 +105,11 @@ class IngestStage(Stage):
                 batch = [d for d, k in zip(batch, keep) if k]
                 chunked = chunk_batch(tokenizer, [d.text for d in batch], self.chunk_size) if batch else None
             if chunked is not None:
-                writer.write(batch, chunked)
+                background.submit(writer.write, batch, chunked)
                 self.report(documents=len(batch), tokens=int(chunked.doc_token_counts.sum()))
             batch, batch_chars = [], 0
 
+        background = Pipeline()
         try:
             for item in read_unit(unit, self.read_opts):
                 if isinstance(item, Issue):
@@ -91,8 +124,10 @@ class IngestStage(Stage):
                 if batch_chars >= BATCH_CHARS or len(batch) >= BATCH_DOCS:
                     flush()
             flush()
+            background.close()
             faults.point("ingest.before_close")
         except BaseException:
+            background.close(check=False)
             writer.abort()
             raise
         files = writer.close()
