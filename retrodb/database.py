@@ -13,6 +13,7 @@ Temporary files are named `.tmp-*` and are removed by the next writer.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,13 +161,29 @@ class Database:
 
     def sql(self, query: str):
         """Run DuckDB SQL over this snapshot's `documents` and `chunks` views; returns a pyarrow Table."""
+        import duckdb
+
         from .sql import connect
 
-        con = connect(self.snapshot)
         try:
-            return con.sql(query).to_arrow_table()
-        finally:
-            con.close()
+            con = connect(self.snapshot)
+            try:
+                return con.sql(query).to_arrow_table()
+            finally:
+                con.close()
+        except duckdb.IOException:
+            self.check_files_present()
+            raise
+
+    def check_files_present(self) -> None:
+        """Raise a clear error if a file of this snapshot is gone (vacuumed while it was being read)."""
+        for rec in self.snapshot.files():
+            if not self.snapshot.path(rec).exists():
+                raise DatabaseNotFound(
+                    f"snapshot v{self.version} of {self.root} was vacuumed while it was being read "
+                    f"({rec['path']} is gone)",
+                    hint=f"reopen the database (current: v{self.current_version()}); vacuum keeps superseded "
+                         "snapshots for --grace (default 10m) so that readers can finish")
 
     # ------------------------------------------------------------ writing
 
@@ -212,6 +229,7 @@ class Writer:
                 if job.name == keep_job and plan and plan.get("base_version") == self.base.version:
                     kept_segments.update(plan.get("segments", []))
                     continue
+                removed.extend(self._remove_tracked(job))
                 shutil.rmtree(job, ignore_errors=True)
                 removed.append(str(job))
         for v in snap.retained_versions(self.root):
@@ -241,10 +259,41 @@ class Writer:
             raise RetrodbError(f"internal: commit of version {data['version']} on top of {self.base.version}")
         self.base = snap.write_snapshot(self.root, data)
         self.db.snapshot = self.base
+        shutil.rmtree(self.root / WORK / _tracking_job(self.base.version), ignore_errors=True)
         return self.base
+
+    def track(self, path: Path) -> Path:
+        """Note that `path`, a new file in an already committed segment's directory, is about to be written
+        for the next commit, so that `cleanup` removes it if this process dies before committing it."""
+        job = self.work_dir(_tracking_job(self.base.version + 1))
+        fd = os.open(job / "files.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (path.relative_to(self.root).as_posix() + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
+
+    def _remove_tracked(self, job: Path) -> list[str]:
+        """Delete the files an interrupted job tracked, unless the latest snapshot references them."""
+        try:
+            listed = (job / "files.txt").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        referenced = {rec["path"] for rec in self.base.files()}
+        removed = []
+        for rel in listed:
+            if rel and rel not in referenced and (self.root / rel).exists():
+                (self.root / rel).unlink()
+                removed.append(rel)
+        return removed
 
     def write_json(self, path: Path, obj) -> None:
         atomic_write_bytes(path, json.dumps(obj).encode())
+
+
+def _tracking_job(version: int) -> str:
+    return f"commit-v{version:08d}"
 
 
 def _read_json(path: Path):
