@@ -109,16 +109,13 @@ def delete(
         _show_delete_plan(out, db, plan, dry_run)
     if dry_run:
         return
-    if not plan.documents:
-        if out.json:
-            out.record({**plan.to_dict(), "dry_run": False})
-        else:
-            out.say(f"nothing to delete (still v{plan.version})")
-        return
-    _confirm(out, yes, f"delete {len(plan.documents):,} document(s), {plan.chunks:,} chunks?")
-    report = run_delete(db, plan=plan, wait=wait)
+    if plan.documents:
+        _confirm(out, yes, f"delete {len(plan.documents):,} document(s), {plan.chunks:,} chunks?")
+    report = run_delete(db, plan=plan, wait=wait)  # with nothing to delete, it still cleans leftovers
     if out.json:
         out.record(report.to_dict())
+    elif not report.documents:
+        out.say(f"nothing to delete (still v{report.version})")
     else:
         out.say(f"committed v{report.version}: deleted {report.documents:,} documents, {report.chunks:,} chunks "
                 f"in {len(report.segments)} segment(s)")
@@ -241,15 +238,14 @@ def vacuum(
     out = Output(fmt.value)
     older = parse_duration(older_than) if older_than else None
     grace_s = parse_duration(grace)
-    plan = run_vacuum(db, retain, older, grace_s, dry_run=True)
-    if not dry_run and plan.plan.files + plan.plan.manifests:
-        if not out.json:
-            _show_vacuum(out, plan, db)
-        _confirm(out, yes, f"delete {len(plan.plan.removed_versions)} snapshot(s) and free {plan.plan.bytes:,} bytes?")
-        report = run_vacuum(db, retain, older, grace_s, wait=wait)
-    else:
-        report = plan
-        report.dry_run = dry_run
+    report = run_vacuum(db, retain, older, grace_s, dry_run=True)
+    if not dry_run:
+        if report.plan.files or report.plan.manifests:
+            if not out.json:
+                _show_vacuum(out, report, db)
+            _confirm(out, yes, f"delete {len(report.plan.removed_versions)} snapshot(s) and free "
+                               f"{report.plan.bytes:,} bytes?")
+        report = run_vacuum(db, retain, older, grace_s, wait=wait)  # with nothing to delete, it still cleans
     if out.json:
         out.record(report.to_dict())
     elif dry_run:

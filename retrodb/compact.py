@@ -137,15 +137,15 @@ def compact(root: str | Path, min_deleted_ratio: float = DEFAULT_MIN_DELETED_RAT
     started = time.perf_counter()
     db = Database(root)
     groups = plan_compaction(db.snapshot, min_deleted_ratio, target_segment_chunks)
-    if dry_run or not groups:
+    if dry_run:
         return _report(db.snapshot, groups, dry_run, started)
     job = _job_key(db.snapshot, groups)
-    with db.writer("compact", wait=wait, keep_job=job) as w:
+    with db.writer("compact", wait=wait, keep_job=job) as w:  # taken even for nothing to do: it cleans leftovers
         if w.base.version != db.snapshot.version:  # a commit came in between: plan on the latest
             groups = plan_compaction(w.base, min_deleted_ratio, target_segment_chunks)
             job = _job_key(w.base, groups)
-            if not groups:
-                return _report(w.base, groups, False, started)
+        if not groups:
+            return _report(w.base, groups, False, started)
         job_dir = w.work_dir(job)
         units = [{"segment": g.segment, "sources": [[n, w.base.segments[n]] for n in g.sources]}
                  for g in groups if g.segment is not None]

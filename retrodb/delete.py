@@ -136,9 +136,9 @@ def delete(root: str | Path, doc_ids: list[str] | None = None, where: str | None
     db = Database(root)
     if plan is None:
         plan = plan_delete(db.snapshot, doc_ids, where)
-    if not plan.documents:  # every id already deleted (e.g. a rerun): nothing to commit
-        return DeleteReport(db.version, 0, 0, 0, [], plan.unknown, time.perf_counter() - started)
     with db.writer("delete", wait=wait) as w:
+        if not plan.documents:  # every id already deleted (e.g. a rerun): nothing to commit
+            return DeleteReport(w.base.version, 0, 0, 0, [], plan.unknown, time.perf_counter() - started)
         if w.base.version != plan.version:  # someone committed since the plan: re-resolve, and refuse surprises
             ids = [d["doc_id"] for d in plan.documents]
             fresh = plan_delete(w.base, doc_ids=ids)
