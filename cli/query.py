@@ -63,7 +63,7 @@ def query(
             continue
         title = f"chunk {r.chunk_id}: {_short(r.query, 120)}" if r.chunk_id is not None else f"query: {_short(r.query, 120)}"
         out.table(["rank", "score", "doc_id", "pos", "chunk", "continuation"],
-                  [[n.rank, f"{n.score:.4f}", n.doc_id, n.position, n.text, n.continuation or "—"]
+                  [[n.rank, f"{n.score:.4f}", n.doc_id, n.position, _flat(n.text), _flat(n.continuation or "—")]
                    for n in r.neighbours], title=title)
 
 
@@ -82,8 +82,13 @@ def read_queries(path: str) -> list[str]:
     return lines
 
 
+def _flat(s: str) -> str:
+    """Whitespace runs as one space, so a chunk reads as one paragraph in a table cell (JSON keeps it exact)."""
+    return " ".join(s.split())
+
+
 def _short(s: str, width: int) -> str:
-    s = " ".join(s.split())
+    s = _flat(s)
     return s if len(s) <= width else s[: width - 1] + "…"
 
 
