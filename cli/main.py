@@ -19,7 +19,9 @@ except ImportError:  # pragma: no cover
 from . import db as db_commands
 from . import edit as edit_commands
 from . import embed as embed_commands
+from . import index as index_commands
 from . import ingest as ingest_commands
+from . import query as query_commands
 from . import verify as verify_commands
 
 HELP = """Build, edit and query the retrieval database of a RETRO model.
@@ -49,6 +51,8 @@ app = typer.Typer(
 db_commands.register(app)
 ingest_commands.register(app)
 embed_commands.register(app)
+index_commands.register(app)
+query_commands.register(app)
 edit_commands.register(app)
 verify_commands.register(app)
 

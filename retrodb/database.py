@@ -185,6 +185,25 @@ class Database:
                     hint=f"reopen the database (current: v{self.current_version()}); vacuum keeps superseded "
                          "snapshots for --grace (default 10m) so that readers can finish")
 
+    def query(self, texts: "str | list[str] | None" = None, k: int = 4, *, ef: int = 64, exact: bool = False,
+              exclude_doc: "str | list[str] | None" = None, chunk_ids: "list[int] | None" = None,
+              exclude_same_doc: bool = True, vectors=None, threads: int | None = None, device: str = "auto",
+              on_warning=None) -> list:
+        """Nearest chunks of each query, best first: a list of `retrodb.query.QueryResult`, one per query.
+
+        Give query `texts` (embedded with the database's embedder), or `chunk_ids` of chunks already in the
+        database (their stored keys; their own document is left out unless `exclude_same_doc=False`), or
+        raw `vectors` [n, dim]. `k` neighbours per query; `ef` is the HNSW search breadth (at least k is
+        used); `exact` searches every key by brute force; `exclude_doc` leaves out those documents.
+        Read-only (no lock); loaded indexes stay cached in this handle for the next query.
+        `on_warning(message)` receives what was worked around (default: Python warnings).
+        """
+        from .query import searcher_for
+
+        searcher = searcher_for(self, threads=threads, device=device)
+        return searcher.query(texts, k, ef=ef, exact=exact, exclude_doc=exclude_doc, chunk_ids=chunk_ids,
+                              exclude_same_doc=exclude_same_doc, vectors=vectors, on_warning=on_warning)
+
     # ------------------------------------------------------------ writing
 
     @contextmanager
