@@ -17,15 +17,27 @@ def write_jsonl(path: Path, ids, seed: int = 0, n_words: int = 60) -> Path:
     return path
 
 
-def build_db(root: Path, n_docs: int = 30, segment_bytes: int = 2000, embed: str | None = "hash:16") -> Path:
-    """`n_docs` documents d0.. in segments of about `segment_bytes` input bytes, embedded unless embed=None."""
+def build_db(root: Path, n_docs: int = 30, segment_bytes: int = 2000, embed: str | None = "hash:16",
+             index: bool = False) -> Path:
+    """`n_docs` documents d0.. in segments of about `segment_bytes` input bytes, embedded unless embed=None,
+    and indexed (small HNSW parameters) if `index`."""
     src = write_jsonl(root.parent / f"{root.name}-src.jsonl", [f"d{i}" for i in range(n_docs)])
     ingest(root, [str(src)], IngestOptions(workers=1, segment_bytes=segment_bytes))
     if embed:
         from retrodb.embed import embed as run_embed
 
         run_embed(root, embed)
+    if index:
+        from retrodb.index import index as run_index
+
+        run_index(root, M=8, ef_construction=40, threads=1)
     return root
+
+
+def top_doc_ids(root: Path, text: str, k: int = 5) -> list[str]:
+    """Document ids of the query's k nearest chunks (HNSW), best first."""
+    db = retrodb.open(root)
+    return [n.doc_id for n in db.query(text, k=k, ef=200)[0].neighbours]
 
 
 def content(root: Path, at: int | None = None) -> dict:

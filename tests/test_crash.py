@@ -27,12 +27,14 @@ from tests.edit_helpers import build_db, content, write_jsonl
 # (command, kill points): a point with #N is its Nth hit in the process
 KILL_POINTS = {
     "add": ["ingest.before_close", "ingest.before_marker", "ingest.segment_done#1", "ingest.segment_done#2",
-            "embed.pass_done#1", "embed.pass_done#2", "add.embedded", "delete.tombstones_written#1",
-            "delete.tombstones_written#2", "commit.before_manifest", "commit.before_current", "commit.after_current"],
+            "embed.pass_done#1", "embed.pass_done#2", "add.embedded", "index.batch_added#1", "index.saved#2",
+            "index.segment_published#1", "add.indexed", "delete.tombstones_written#1", "delete.tombstones_written#2",
+            "commit.before_manifest", "commit.before_current", "commit.after_current"],
     "delete": ["delete.tombstones_written#1", "delete.tombstones_written#2", "commit.before_manifest",
                "commit.before_current", "commit.after_current"],
     "compact": ["compact.documents_written", "compact.chunks_written", "compact.keys_written#1",
-                "compact.keys_written#2", "compact.segment_done#1", "compact.segment_done#2",
+                "compact.keys_written#2", "index.saved#1", "compact.index_written#2", "compact.segment_done#1",
+                "compact.segment_done#2",
                 "compact.before_commit", "commit.before_manifest", "commit.before_current", "commit.after_current"],
     "vacuum": ["vacuum.manifests_removed", "vacuum.file_removed#1", "vacuum.file_removed#4",
                "vacuum.file_removed#12"],
@@ -41,9 +43,9 @@ KILL_POINTS = {
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    """An embedded database with deletions in several segments and history to vacuum, plus the add input."""
+    """An embedded, indexed database with deletions in several segments and history to vacuum, plus the add input."""
     root = tmp_path_factory.mktemp("crash")
-    db = build_db(root / "db", n_docs=24, segment_bytes=1500)
+    db = build_db(root / "db", n_docs=24, segment_bytes=1500, index=True)
     from retrodb.delete import delete
 
     delete(db, doc_ids=[f"d{i}" for i in range(0, 24, 2)])  # every other document: all segments qualify
@@ -126,7 +128,7 @@ def test_kill_point_count():
 READER = r"""
 import json, sys, time
 import retrodb
-root, stop = sys.argv[1], sys.argv[2]
+root, stop, query = sys.argv[1], sys.argv[2], sys.argv[3]
 import os
 while not os.path.exists(stop):
     try:
@@ -135,15 +137,16 @@ while not os.path.exists(stop):
         docs, chunks, tokens = db.sql(
             "SELECT (SELECT count(*) FROM documents), count(*), coalesce(sum(num_tokens), 0) FROM chunks"
         ).to_pylist()[0].values()
+        found = [n.doc_id for n in db.query(query, k=3, ef=100)[0].neighbours]
         print(json.dumps({"version": s["version"], "stats": [s["documents"], s["chunks"], s["tokens"]],
-                          "sql": [docs, chunks, int(tokens)]}), flush=True)
+                          "sql": [docs, chunks, int(tokens)], "found": found}), flush=True)
     except Exception as exc:
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), flush=True)
 """
 
 
 def test_readers_see_whole_snapshots_during_add_and_compact(tmp_path):
-    db = build_db(tmp_path / "db", n_docs=24, segment_bytes=1500)
+    db = build_db(tmp_path / "db", n_docs=24, segment_bytes=1500, index=True)
     from retrodb.add import add
     from retrodb.compact import compact
     from retrodb.delete import delete
@@ -151,13 +154,16 @@ def test_readers_see_whole_snapshots_during_add_and_compact(tmp_path):
 
     delete(db, doc_ids=[f"d{i}" for i in range(0, 24, 3)])
     src = write_jsonl(tmp_path / "more.jsonl", [f"m{i}" for i in range(40)], seed=1000)
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"id": "odd", "text": ODD_TEXT}) + "\n")
     stop = tmp_path / "stop"
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(db), str(stop)], cwd=REPO, stdout=subprocess.PIPE,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)), text=True)
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(db), str(stop), ODD_TEXT], cwd=REPO,
+                              stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(REPO)), text=True)
     try:
-        time.sleep(1.0)
-        for _ in range(3):
-            add(db, [str(src)], IngestOptions(workers=1, segment_bytes=2000), replace=True)
+        time.sleep(1.5)
+        for i in range(3):
+            add(db, [str(src)] + ([str(odd)] if i == 1 else []), IngestOptions(workers=1, segment_bytes=2000),
+                replace=True)
             compact(db, 0.1, 60, workers=1)
         time.sleep(0.5)
     finally:
@@ -166,11 +172,16 @@ def test_readers_see_whole_snapshots_during_add_and_compact(tmp_path):
     seen = [json.loads(line) for line in out.splitlines()]
     assert seen and not [s for s in seen if "error" in s]
     committed = {e["version"]: [e["documents"], e["chunks"], e["tokens"]] for e in retrodb.open(db).log()}
+    has_odd = {e["version"]: bool(retrodb.open(db, at=e["version"]).sql(
+        "SELECT count(*) FROM documents WHERE doc_id = 'odd'").column(0)[0].as_py()) for e in retrodb.open(db).log()}
     for s in seen:
         assert s["stats"] == s["sql"] == committed[s["version"]], s  # a whole snapshot, never a partial add
+        assert (s["found"][0] == "odd") == has_odd[s["version"]], s  # query sees the add exactly from its commit
     versions = {s["version"] for s in seen}
     assert len(versions) >= 3, versions  # the reader really ran across several commits
 
+
+ODD_TEXT = "zebra quantum marmalade xylophone walrus " * 12
 
 HOLDER = r"""
 import sys, time

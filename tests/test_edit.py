@@ -303,3 +303,53 @@ def test_edit_commands_have_help_with_examples():
     for cmd in ("add", "delete", "compact", "vacuum", "verify"):
         proc = run_retrodb(cmd, "--help")
         assert proc.returncode == 0 and b"Examples" in proc.stdout, cmd
+
+
+ODD_TEXT = "zebra quantum marmalade xylophone walrus " * 12
+
+
+def test_add_and_delete_change_what_query_returns(tmp_path):
+    from tests.edit_helpers import top_doc_ids
+
+    db = build_db(tmp_path / "db", n_docs=12, index=True)
+    assert "odd" not in top_doc_ids(db, ODD_TEXT)
+    src = tmp_path / "odd.jsonl"
+    src.write_text(json.dumps({"id": "odd", "text": ODD_TEXT}) + "\n")
+    before = retrodb.open(db)
+    report = add(db, [str(src)], IngestOptions(workers=1))
+    assert report.indexed_segments == 1 and report.version == before.version + 1
+    new = [s for n, s in retrodb.open(db).snapshot.segments.items() if n not in before.snapshot.segments][0]
+    assert "index" in new["files"] and "keys" in new["files"]
+    assert top_doc_ids(db, ODD_TEXT)[0] == "odd"  # visible to query from the add's commit
+    assert "odd" not in [n.doc_id for n in retrodb.open(db, at=before.version).query(ODD_TEXT, k=5)[0].neighbours]
+    delete(db, doc_ids=["odd"])
+    assert "odd" not in top_doc_ids(db, ODD_TEXT)
+    assert verify(db).ok
+
+
+def test_compact_rebuilds_only_the_new_segments_indexes(tmp_path):
+    import hnswlib
+
+    db = build_db(tmp_path / "db", n_docs=30, index=True)
+    delete(db, doc_ids=[f"d{i}" for i in range(0, 30, 2)])
+    before = retrodb.open(db)
+    q = "retrieval chunk neighbour snapshot redact"
+    exact = [(n.chunk_id, round(n.score, 5)) for n in before.query(q, k=8, exact=True)[0].neighbours]
+    report = compact(db, 0.2, 50, workers=1)
+    after = retrodb.open(db)
+    untouched = {n: s for n, s in after.snapshot.segments.items() if n in before.snapshot.segments}
+    for n, s in untouched.items():  # segments not compacted keep their very files
+        assert s["files"] == before.snapshot.segments[n]["files"]
+    new = {n: s for n, s in after.snapshot.segments.items() if n not in before.snapshot.segments}
+    assert len(new) == sum(1 for g in report.groups if g.segment is not None) >= 1
+    for name, seg in new.items():
+        index = hnswlib.Index(space="cosine", dim=16)
+        index.load_index(str(db / seg["files"]["index"]["path"]))
+        import pyarrow.parquet as pq
+
+        ids = pq.read_table(db / seg["files"]["chunks"]["path"], columns=["chunk_id"])["chunk_id"].to_pylist()
+        assert sorted(index.get_ids_list()) == sorted(ids)  # no vector of a dropped row is left in the file
+    assert [(n.chunk_id, round(n.score, 5)) for n in after.query(q, k=8, exact=True)[0].neighbours] == exact
+    hnsw = {n.chunk_id for n in after.query(q, k=8, ef=200)[0].neighbours}
+    assert len(hnsw & {c for c, _ in exact}) >= 6
+    assert verify(db).ok

@@ -2,10 +2,11 @@
 
 Rows keep their chunk ids (and so their continuation ids): a chunk id names
 a chunk for the life of the database, whichever segment holds it. Keys are
-carried over by row selection, never recomputed. The HNSW index, whose
-elements are row numbers of its segment, is rebuilt for the new segment
-only. Documents, chunks and keys are streamed batch by batch, so memory is
-bounded by a batch, not by the segment.
+carried over by row selection, never recomputed. The HNSW index (labels are
+chunk ids) is rebuilt for the new segment only, from the kept keys, so it
+holds no vector of a dropped row (hnswlib's mark_deleted would keep them in
+the file). Documents, chunks and keys are streamed batch by batch, so memory
+is bounded by a batch, not by the segment.
 """
 
 from __future__ import annotations
