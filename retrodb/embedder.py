@@ -28,6 +28,7 @@ import threading
 import time
 from contextlib import nullcontext
 from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -106,18 +107,28 @@ class HashEmbedder:
         v = int.from_bytes(d, "little")
         return v % self.dim, 1.0 if (v >> 63) & 1 else -1.0
 
-    def embed(self, texts: list[str], on_batch=None) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+    def embed(self, texts: list[str], on_batch=None, out: np.ndarray | None = None) -> np.ndarray:
+        keys = np.zeros((len(texts), self.dim), dtype=np.float32)
         for i, text in enumerate(texts):
             for w in self._word.findall(text.lower())[: self.max_length]:
                 j, s = self._slot(w)
-                out[i, j] += s
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        out[:, 0] += (norms[:, 0] == 0)  # a text with no words still gets a unit key
-        out /= np.linalg.norm(out, axis=1, keepdims=True)
+                keys[i, j] += s
+        norms = np.linalg.norm(keys, axis=1, keepdims=True)
+        keys[:, 0] += (norms[:, 0] == 0)  # a text with no words still gets a unit key
+        keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+        out = _output(out, len(texts), self.dim)
+        out[:] = keys
         if on_batch is not None and texts:
             on_batch(len(texts))
         return out
+
+
+def _output(out: np.ndarray | None, rows: int, dim: int) -> np.ndarray:
+    if out is None:
+        return np.empty((rows, dim), dtype=np.float32)
+    if out.shape != (rows, dim) or out.dtype not in (np.float16, np.float32):
+        raise ValueError(f"out must be float16/float32 of shape {(rows, dim)}, not {out.dtype} {out.shape}")
+    return out
 
 
 def cpu_has_native_bf16() -> bool:
@@ -230,6 +241,13 @@ class BertEmbedder:
             raise RetrodbError(f"{self.path}: config.json says hidden size {self.dim}, the model has "
                                f"{model.config.hidden_size}")
         self.tokenizer = tokenizer
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: we set its truncation
+        backend.no_padding()
+        backend.enable_truncation(self.max_length)
+        self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        self._pad_id = tokenizer.pad_token_id or 0
         self.model = model.eval().requires_grad_(False)
         self.device = self._pick_device(self.requested[0])
         self.model.to(self.device)
@@ -294,22 +312,33 @@ class BertEmbedder:
             return torch.nn.functional.normalize(pooled, dim=-1)
 
     def tokenize(self, texts: list[str]):
-        """input_ids and attention_mask of a batch, padded to its longest text (to a multiple of 8 off CPU)."""
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                             pad_to_multiple_of=None if self.device == "cpu" else 8,
-                             return_tensors="pt", return_token_type_ids=False)
-        ids, mask = enc["input_ids"], enc["attention_mask"]
+        """input_ids and attention_mask of a batch, padded to its longest text (to a multiple of 8 off CPU).
+
+        Calls the Rust tokenizer directly (the same ids as the transformers tokenizer, without its
+        per-token Python lists, which cost more than the tokenising on a fast accelerator).
+        """
+        torch = self.torch
+        rows = [e.ids for e in self._encode(texts)]
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        width = int(lengths.max()) if len(rows) else 0
+        if self.device != "cpu":
+            width = -(-width // 8) * 8
+        mask = np.arange(width) < lengths[:, None]
+        ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+        ids[mask] = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
         if self.device == "cuda":
             ids, mask = ids.pin_memory(), mask.pin_memory()
         return ids, mask
 
-    def embed(self, texts: list[str], on_batch=None) -> np.ndarray:
+    def embed(self, texts: list[str], on_batch=None, out: np.ndarray | None = None) -> np.ndarray:
         """Keys for `texts`, in order: float32 [len(texts), dim], rows of unit length.
 
-        `on_batch(n)` is called after each batch of n texts is done.
+        `on_batch(n)` is called after each batch of n texts is done. With `out` (float16 or
+        float32, [len(texts), dim], e.g. a slice of a memory-mapped keys file) rows go there.
         """
         self.load()
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        out = _output(out, len(texts), self.dim)
         if not texts:
             return out
         # Longest first, so each batch pads to a similar length and memory peaks at the start.
@@ -352,8 +381,9 @@ class BertEmbedder:
             producer.join()
         return out
 
-    @staticmethod
-    def _collect(out: np.ndarray, idx, keys, on_batch) -> None:
+    def _collect(self, out: np.ndarray, idx, keys, on_batch) -> None:
+        if out.dtype == np.float16:  # round on the device: half the bytes to copy back
+            keys = keys.to(self.torch.float16)
         out[idx] = keys.cpu().numpy()
         if on_batch is not None:
             on_batch(len(idx))

@@ -62,8 +62,8 @@ def cosines(a, b) -> np.ndarray:
 
 def varied_texts(n=40) -> list[str]:
     """Chunk-like texts of very different lengths: empty, short, about 64 tokens, and longer than max_length."""
-    texts = ["", "retrieval", "A frozen BERT encoder."]
-    texts += [make_text(i, n_words=5 + (i * 7) % 60) for i in range(n - 4)]
+    texts = ["", "retrieval", "A frozen BERT encoder.", "Ünïcödé café naïve 東京 — ok", "a literal [PAD] and [SEP] here"]
+    texts += [make_text(i, n_words=5 + (i * 7) % 60) for i in range(n - 6)]
     texts.append(make_text(999, n_words=300))  # truncated at max_length
     return texts
 

@@ -49,7 +49,14 @@ class EmbedStage(Stage):
         self.root = Path(root)
         self.embedder = embedder
         self.work_dir = Path(work_dir)
-        self.rows_per_pass = max(1, rows_per_pass or int(os.environ.get(PASS_ROWS_ENV) or ROWS_PER_PASS))
+        self.rows_per_pass = rows_per_pass
+
+    def pass_rows(self) -> int:
+        """Chunks per durable pass: at least ROWS_PER_PASS, and 128 batches (a pass costs an fsync)."""
+        if self.rows_per_pass or os.environ.get(PASS_ROWS_ENV):
+            return max(1, self.rows_per_pass or int(os.environ[PASS_ROWS_ENV]))
+        self.embedder.load()
+        return max(ROWS_PER_PASS, 128 * self.embedder.batch_size)
 
     def run(self, unit: tuple[str, dict]) -> dict:
         name, seg = unit
@@ -79,9 +86,10 @@ class EmbedStage(Stage):
             self.work_dir.mkdir(parents=True, exist_ok=True)
             marker.unlink(missing_ok=True)
             keys = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(texts), dim))
-        for start in range(done, len(texts), self.rows_per_pass):
-            stop = min(start + self.rows_per_pass, len(texts))
-            keys[start:stop] = self.embedder.embed(texts[start:stop], on_batch=lambda n: self.report(chunks=n))
+        per_pass = self.pass_rows()
+        for start in range(done, len(texts), per_pass):
+            stop = min(start + per_pass, len(texts))
+            self.embedder.embed(texts[start:stop], on_batch=lambda n: self.report(chunks=n), out=keys[start:stop])
             keys.flush()
             fsync_file(partial)
             atomic_write_bytes(marker, json.dumps({"rows": stop, "of": len(texts), "dim": dim}).encode())
