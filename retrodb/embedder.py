@@ -42,6 +42,7 @@ HASH_PREFIX = "hash:"
 CPU_BATCH = 32  # chunks per forward on CPU: best or within noise of best for MiniLM and bert-base (bench_embed)
 ACCEL_BATCH = 512  # on CUDA/MPS: big enough to fill the device, small enough to keep padding low
 PREFETCH = 3  # tokenised batches waiting for the model
+WINDOW_BATCHES = 16  # texts are sorted by token count within windows of this many batches
 
 
 def weights_sha256(directory: Path) -> str:
@@ -312,14 +313,12 @@ class BertEmbedder:
             return torch.nn.functional.normalize(pooled, dim=-1)
 
     def tokenize(self, texts: list[str]):
-        """input_ids and attention_mask of a batch, padded to its longest text (to a multiple of 8 off CPU).
-
-        Calls the Rust tokenizer directly (the same ids as the transformers tokenizer, without its
-        per-token Python lists, which cost more than the tokenising on a fast accelerator).
-        """
-        torch = self.torch
+        """input_ids and attention_mask of one batch, padded to its longest text (to a multiple of 8 off CPU)."""
         rows = [e.ids for e in self._encode(texts)]
-        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        return self._pad(rows, np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
+
+    def _pad(self, rows: list[list[int]], lengths: np.ndarray):
+        torch = self.torch
         width = int(lengths.max()) if len(rows) else 0
         if self.device != "cpu":
             width = -(-width // 8) * 8
@@ -331,43 +330,64 @@ class BertEmbedder:
             ids, mask = ids.pin_memory(), mask.pin_memory()
         return ids, mask
 
+    def _batches(self, texts: list[str]):
+        """(indices, input_ids, attention_mask) batches covering `texts`, each of similar token lengths.
+
+        Texts are taken longest first (by characters), tokenised a window of WINDOW_BATCHES batches
+        at a time, and sorted by token count within the window, so batches pad very little. The Rust
+        tokenizer is called directly: the same ids as the transformers tokenizer, without its
+        per-token Python lists (which cost more than the tokenising itself).
+        """
+        order = np.argsort(np.fromiter((-len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
+        window = WINDOW_BATCHES * self.batch_size
+        for w in range(0, len(order), window):
+            idx = order[w: w + window]
+            rows = [e.ids for e in self._encode([texts[j] for j in idx])]
+            lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+            by_length = np.argsort(-lengths, kind="stable")
+            for b in range(0, len(idx), self.batch_size):
+                pick = by_length[b: b + self.batch_size]
+                yield (idx[pick], *self._pad([rows[k] for k in pick], lengths[pick]))
+
     def embed(self, texts: list[str], on_batch=None, out: np.ndarray | None = None) -> np.ndarray:
         """Keys for `texts`, in order: float32 [len(texts), dim], rows of unit length.
 
         `on_batch(n)` is called after each batch of n texts is done. With `out` (float16 or
         float32, [len(texts), dim], e.g. a slice of a memory-mapped keys file) rows go there.
+        A producer thread tokenises ahead (PREFETCH batches) while the model runs; on an
+        accelerator each batch's keys are copied back only after the next batch is queued.
         """
         self.load()
         out = _output(out, len(texts), self.dim)
         if not texts:
             return out
-        # Longest first, so each batch pads to a similar length and memory peaks at the start.
-        order = np.argsort(np.fromiter((-len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
-        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
         stop = threading.Event()
+        done = object()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def produce() -> None:
             try:
-                for idx in batches:
-                    item = (idx, *self.tokenize([texts[j] for j in idx]))
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                for batch in self._batches(texts):
+                    if not put(batch):
                         return
+                put(done)
             except BaseException as exc:  # handed to the consumer, raised there
-                ready.put(exc)
+                put(exc)
 
         producer = threading.Thread(target=produce, name="retrodb-tokenize", daemon=True)
         producer.start()
-        pending = None  # (indices, keys still on the device): copied back after the next batch is queued
+        pending = None  # (indices, keys still on the device)
         try:
-            for _ in batches:
-                item = ready.get()
+            while (item := ready.get()) is not done:
                 if isinstance(item, BaseException):
                     raise item
                 idx, ids, mask = item
@@ -375,7 +395,8 @@ class BertEmbedder:
                 if pending is not None:
                     self._collect(out, *pending, on_batch)
                 pending = (idx, keys)
-            self._collect(out, *pending, on_batch)
+            if pending is not None:
+                self._collect(out, *pending, on_batch)
         finally:
             stop.set()
             producer.join()
