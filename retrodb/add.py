@@ -75,7 +75,7 @@ def add(root: str | Path, sources: list[str], opts: IngestOptions | None = None,
         if embedder is not None:
             from .stages.embed import EmbedStage
 
-            stage = EmbedStage(w.root, embedder)
+            stage = EmbedStage(w.root, embedder, staged.job_dir)  # partial keys resume from the job dir
             for name, entry in sorted(staged.entries.items()):
                 entry["files"]["keys"] = stage.run((name, entry))["record"]
                 report.embedded_chunks += entry["chunks"]
