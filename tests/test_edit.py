@@ -353,3 +353,14 @@ def test_compact_rebuilds_only_the_new_segments_indexes(tmp_path):
     hnsw = {n.chunk_id for n in after.query(q, k=8, ef=200)[0].neighbours}
     assert len(hnsw & {c for c, _ in exact}) >= 6
     assert verify(db).ok
+
+
+def test_cli_defaults_match_the_library():
+    import inspect
+
+    from cli import edit as cli_edit
+    from retrodb import compact as lib
+
+    params = inspect.signature(cli_edit.compact).parameters
+    assert params["target_segment_chunks"].default == lib.DEFAULT_TARGET_SEGMENT_CHUNKS
+    assert params["min_deleted_ratio"].default == lib.DEFAULT_MIN_DELETED_RATIO
