@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -21,3 +21,10 @@ AtOpt = Annotated[Optional[int], typer.Option("--at", help="Read this retained s
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do it without asking (required when not on a terminal).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and stop; change nothing.")]
 WorkersOpt = Annotated[Optional[int], typer.Option("--workers", "-w", help="Worker processes (default: all cores).", min=1)]
+
+# Input options shared by `ingest` and `add`.
+FormatsOpt = Annotated[List[str], typer.Option("--format", "-f", help="Input format auto (by extension), text, jsonl or parquet; and/or output format human or json. Repeatable: --format jsonl --format json.")]
+TextFieldOpt = Annotated[str, typer.Option(help="JSONL field / Parquet column holding the text.")]
+IdFieldOpt = Annotated[str, typer.Option(help="JSONL field / Parquet column holding the document id (missing: content hash).")]
+OnErrorOpt = Annotated[str, typer.Option(help="skip: skip bad records and report counts; fail: stop at the first, commit nothing, exit 1.")]
+SegmentMbOpt = Annotated[float, typer.Option(help="Input megabytes per segment (the unit of parallelism and retry).", min=0.001)]

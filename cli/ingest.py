@@ -7,19 +7,19 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ._options import DbArg, WaitOpt, WorkersOpt
+from ._options import DbArg, FormatsOpt, IdFieldOpt, OnErrorOpt, SegmentMbOpt, TextFieldOpt, WaitOpt, WorkersOpt
 from ._output import Output
 
 
 def ingest(
     db: DbArg,
     sources: Annotated[List[str], typer.Argument(help="Files or folders (recursive) of .txt/.md, .jsonl[.gz|.zst], .parquet; - reads JSONL from stdin.", show_default=False)],
-    formats: Annotated[List[str], typer.Option("--format", "-f", help="Input format auto (by extension), text, jsonl or parquet; and/or output format human or json. Repeatable: --format jsonl --format json.")] = [],
-    text_field: Annotated[str, typer.Option(help="JSONL field / Parquet column holding the text.")] = "text",
-    id_field: Annotated[str, typer.Option(help="JSONL field / Parquet column holding the document id (missing: content hash).")] = "id",
-    on_error: Annotated[str, typer.Option(help="skip: skip bad records and report counts; fail: stop at the first, commit nothing, exit 1.")] = "skip",
+    formats: FormatsOpt = [],
+    text_field: TextFieldOpt = "text",
+    id_field: IdFieldOpt = "id",
+    on_error: OnErrorOpt = "skip",
     workers: WorkersOpt = None,
-    segment_mb: Annotated[float, typer.Option(help="Input megabytes per segment (the unit of parallelism and retry).", min=0.001)] = 64,
+    segment_mb: SegmentMbOpt = 64,
     tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer directory for a new database (default: bundled all-MiniLM-L6-v2's).")] = None,
     chunk_size: Annotated[int, typer.Option(help="Tokens per chunk for a new database.", min=1)] = 64,
     executor: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
@@ -57,13 +57,18 @@ def ingest(
                 f"{report.tokens:,} tokens in {len(report.segments)} segment(s), {report.seconds:.1f}s "
                 f"({summary['tokens_per_s'] or 0:,} tokens/s)"
                 + (f"; resumed {report.resumed_segments} finished segment(s)" if report.resumed_segments else ""))
-        if report.skipped:
-            counts = ", ".join(f"{n} {k}" for k, n in sorted(report.issue_counts.items()))
-            out.warn(f"skipped {report.skipped} record(s): {counts}")
-            for issue in report.issues[:10]:
-                out.warn(f"  {issue['where']}: {issue['message']}")
-            if report.skipped > 10:
-                out.warn("  ... (--format json lists up to 1000)")
+        warn_skipped(out, report)
+
+
+def warn_skipped(out: Output, report) -> None:
+    """Warn about the records an ingest (or add) skipped: counts by kind, then the first few."""
+    if report.skipped:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(report.issue_counts.items()))
+        out.warn(f"skipped {report.skipped} record(s): {counts}")
+        for issue in report.issues[:10]:
+            out.warn(f"  {issue['where']}: {issue['message']}")
+        if report.skipped > 10:
+            out.warn("  ... (--format json lists up to 1000)")
 
 
 def split_formats(values: list[str]) -> tuple[str, str]:

@@ -17,8 +17,12 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
 from . import db as db_commands
+from . import edit as edit_commands
 from . import embed as embed_commands
+from . import index as index_commands
 from . import ingest as ingest_commands
+from . import query as query_commands
+from . import verify as verify_commands
 
 HELP = """Build, edit and query the retrieval database of a RETRO model.
 
@@ -29,6 +33,10 @@ HELP = """Build, edit and query the retrieval database of a RETRO model.
   retrodb stats my-db
   retrodb sql my-db "SELECT doc_id, count(*) FROM chunks GROUP BY 1 LIMIT 5"
   retrodb log my-db
+  retrodb add my-db new-docs/             # ingest + embed + index, one commit
+  retrodb delete my-db --doc-id doc01.txt
+  retrodb compact my-db && retrodb vacuum my-db --yes
+  retrodb verify my-db
 """
 
 app = typer.Typer(
@@ -43,6 +51,10 @@ app = typer.Typer(
 db_commands.register(app)
 ingest_commands.register(app)
 embed_commands.register(app)
+index_commands.register(app)
+query_commands.register(app)
+edit_commands.register(app)
+verify_commands.register(app)
 
 
 def run(argv: list[str]) -> int:

@@ -13,6 +13,7 @@ Temporary files are named `.tmp-*` and are removed by the next writer.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,13 +161,48 @@ class Database:
 
     def sql(self, query: str):
         """Run DuckDB SQL over this snapshot's `documents` and `chunks` views; returns a pyarrow Table."""
+        import duckdb
+
         from .sql import connect
 
-        con = connect(self.snapshot)
         try:
-            return con.sql(query).to_arrow_table()
-        finally:
-            con.close()
+            con = connect(self.snapshot)
+            try:
+                return con.sql(query).to_arrow_table()
+            finally:
+                con.close()
+        except duckdb.IOException:
+            self.check_files_present()
+            raise
+
+    def check_files_present(self) -> None:
+        """Raise a clear error if a file of this snapshot is gone (vacuumed while it was being read)."""
+        for rec in self.snapshot.files():
+            if not self.snapshot.path(rec).exists():
+                raise DatabaseNotFound(
+                    f"snapshot v{self.version} of {self.root} was vacuumed while it was being read "
+                    f"({rec['path']} is gone)",
+                    hint=f"reopen the database (current: v{self.current_version()}); vacuum keeps superseded "
+                         "snapshots for --grace (default 10m) so that readers can finish")
+
+    def query(self, texts: "str | list[str] | None" = None, k: int = 4, *, ef: int = 64, exact: bool = False,
+              exclude_doc: "str | list[str] | None" = None, chunk_ids: "list[int] | None" = None,
+              exclude_same_doc: bool = True, vectors=None, threads: int | None = None, device: str = "auto",
+              on_warning=None) -> list:
+        """Nearest chunks of each query, best first: a list of `retrodb.query.QueryResult`, one per query.
+
+        Give query `texts` (embedded with the database's embedder), or `chunk_ids` of chunks already in the
+        database (their stored keys; their own document is left out unless `exclude_same_doc=False`), or
+        raw `vectors` [n, dim]. `k` neighbours per query; `ef` is the HNSW search breadth (at least k is
+        used); `exact` searches every key by brute force; `exclude_doc` leaves out those documents.
+        Read-only (no lock); loaded indexes stay cached in this handle for the next query.
+        `on_warning(message)` receives what was worked around (default: Python warnings).
+        """
+        from .query import searcher_for
+
+        searcher = searcher_for(self, threads=threads, device=device)
+        return searcher.query(texts, k, ef=ef, exact=exact, exclude_doc=exclude_doc, chunk_ids=chunk_ids,
+                              exclude_same_doc=exclude_same_doc, vectors=vectors, on_warning=on_warning)
 
     # ------------------------------------------------------------ writing
 
@@ -212,6 +248,7 @@ class Writer:
                 if job.name == keep_job and plan and plan.get("base_version") == self.base.version:
                     kept_segments.update(plan.get("segments", []))
                     continue
+                removed.extend(self._remove_tracked(job))
                 shutil.rmtree(job, ignore_errors=True)
                 removed.append(str(job))
         for v in snap.retained_versions(self.root):
@@ -241,10 +278,41 @@ class Writer:
             raise RetrodbError(f"internal: commit of version {data['version']} on top of {self.base.version}")
         self.base = snap.write_snapshot(self.root, data)
         self.db.snapshot = self.base
+        shutil.rmtree(self.root / WORK / _tracking_job(self.base.version), ignore_errors=True)
         return self.base
+
+    def track(self, path: Path) -> Path:
+        """Note that `path`, a new file in an already committed segment's directory, is about to be written
+        for the next commit, so that `cleanup` removes it if this process dies before committing it."""
+        job = self.work_dir(_tracking_job(self.base.version + 1))
+        fd = os.open(job / "files.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, (path.relative_to(self.root).as_posix() + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
+
+    def _remove_tracked(self, job: Path) -> list[str]:
+        """Delete the files an interrupted job tracked, unless the latest snapshot references them."""
+        try:
+            listed = (job / "files.txt").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        referenced = {rec["path"] for rec in self.base.files()}
+        removed = []
+        for rel in listed:
+            if rel and rel not in referenced and (self.root / rel).exists():
+                (self.root / rel).unlink()
+                removed.append(rel)
+        return removed
 
     def write_json(self, path: Path, obj) -> None:
         atomic_write_bytes(path, json.dumps(obj).encode())
+
+
+def _tracking_job(version: int) -> str:
+    return f"commit-v{version:08d}"
 
 
 def _read_json(path: Path):

@@ -1,75 +1,190 @@
-"""`retrodb embed`: compute the keys of every segment that has none, committing as it goes.
+"""`retrodb embed`: compute the keys of every segment that has none.
 
-Each finished segment is committed at once, so an interrupted run keeps its
-finished segments and a rerun only embeds the rest. The first embed records
-the embedder identity in the config; a later embed with another model is
-refused unless `reembed` rebuilds every key.
+The embedder is chosen and its identity checked before any model is read, so
+a run with nothing to do never loads one. Finished segments are committed in
+groups (every `commit_every_segments` segments or `commit_every_s` seconds,
+and at the end): a big database gets a few snapshots, not one per segment.
+The first commit of a run that starts a model (a new database, or --reembed)
+also records the embedder identity, so config and keys always change together.
+Work in progress survives a crash: unfinished segments resume from their last
+durable pass (see stages/embed.py) under `_work/embed-<sha12>-<maxlen>/`,
+which the writer keeps while no other command has committed in between.
+
+`embed_texts` embeds arbitrary texts with a database's own embedder (query uses it).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
-from .database import Database
-from .embedder import DEFAULT_MAX_LENGTH, check_identity, load_embedder
+import numpy as np
+
+from . import faults
+from .database import Database, Writer
+from .database import open as open_database
+from .embedder import DEFAULT_MAX_LENGTH, check_identity, embedder_for, load_embedder, same_identity
+from .errors import MissingStage, RetrodbError
+from .executor import LocalExecutor
 from .stages.embed import EmbedStage
+
+COMMIT_EVERY_S = 60.0  # commit finished segments at least this often...
+COMMIT_EVERY_SEGMENTS = 64  # ...or once this many are finished
 
 
 @dataclass
 class EmbedReport:
-    version: int
-    model: str
-    device: str
-    dtype: str
-    segments: list[str] = field(default_factory=list)
-    chunks: int = 0
-    seconds: float = 0.0
+    version: int  # snapshot current at the end
+    model: str  # embedder path (or hash:DIM)
+    device: str | None = None  # None when no model was needed
+    dtype: str | None = None
+    batch_size: int | None = None
+    segments: list[str] = field(default_factory=list)  # segments whose keys this run committed
+    skipped_segments: int = 0  # segments that already had keys of this embedder
+    chunks: int = 0  # keys computed by this run
+    resumed_chunks: int = 0  # keys an interrupted run had finished, reused
+    commits: int = 0
+    model_loaded: bool = False
+    load_seconds: float = 0.0  # reading the model and choosing the dtype
+    seconds: float = 0.0  # the whole run
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
-        d["chunks_per_s"] = round(self.chunks / self.seconds, 1) if self.seconds and self.chunks else None
+        work = self.seconds - self.load_seconds
+        d["chunks_per_s"] = round(self.chunks / work, 1) if self.chunks and work > 0 else None
         return d
 
 
+def job_name(identity: dict) -> str:
+    return f"embed-{identity['sha256'][:12]}-{identity['max_length']}"
+
+
+def choose_embedder(recorded: dict | None, model: str | Path | None = None, *, device: str = "auto",
+                    dtype: str = "auto", batch_size: int | None = None, max_length: int | None = None):
+    """The embedder a run uses: `model` if given, else the database's own, else the bundled MiniLM."""
+    if model is None and recorded:
+        return embedder_for({"embedder": {**recorded, "max_length": max_length or recorded["max_length"]}},
+                            device=device, dtype=dtype, batch_size=batch_size, check=False)
+    return load_embedder(model, device=device, dtype=dtype, max_length=max_length or DEFAULT_MAX_LENGTH,
+                         batch_size=batch_size)
+
+
 def embed(root: str | Path, model: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
-          batch_size: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, reembed: bool = False,
-          wait: float = 0.0, progress=None, embedder=None) -> EmbedReport:
-    """Embed every segment of the database at `root` that has no keys (all of them with `reembed`)."""
-    db = Database(root)
-    recorded = db.config.get("embedder")
-    if embedder is None:
-        if model is None and recorded and not reembed:
-            model, max_length = recorded["path"], recorded["max_length"]
-        embedder = load_embedder(model, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size)
-    ident = embedder.identity()
+          batch_size: int | None = None, max_length: int | None = None, reembed: bool = False,
+          wait: float = 0.0, progress=None, embedder=None, commit_every_s: float = COMMIT_EVERY_S,
+          commit_every_segments: int = COMMIT_EVERY_SEGMENTS) -> EmbedReport:
+    """Embed every segment of the database at `root` that has no keys.
+
+    With another model than the database's, refuse unless `reembed`: then the
+    first commit switches the config and drops every old key and index, and
+    the run rebuilds them all. `max_length=None` keeps the database's (or 128).
+    """
     started = time.perf_counter()
-    report = EmbedReport(db.version, ident["path"], embedder.device, embedder.dtype)
-    with db.writer("embed", wait=wait) as w:
+    db = open_database(root)
+    if embedder is None:
+        embedder = choose_embedder(db.config.get("embedder"), model, device=device, dtype=dtype,
+                                   batch_size=batch_size, max_length=max_length)
+    ident = embedder.identity()
+    job = job_name(ident)
+    report = EmbedReport(db.version, ident["path"])
+    with db.writer("embed", wait=wait, keep_job=job) as w:
         recorded = w.base.config.get("embedder")
-        if recorded and not reembed:
+        switching = recorded is not None and not same_identity(recorded, ident)
+        if switching and not reembed:
             check_identity(recorded, ident)
-        todo = [(n, s) for n, s in sorted(w.base.segments.items()) if reembed or "keys" not in s["files"]]
-        if progress is not None:
-            progress({"total": sum(s["chunks"] for _, s in todo)})
-        stage = EmbedStage(w.root, embedder)
-        stage.set_reporter(lambda c: progress and progress({**c, "advance": c.get("chunks", 0)}))
-        if reembed or not recorded:
-            data = w.base.derive("embed")
-            data["config"]["embedder"] = ident
-            if reembed:  # keys and indexes of the old model no longer apply
+        todo = [(n, s) for n, s in sorted(w.base.segments.items()) if switching or "keys" not in s["files"]]
+        report.skipped_segments = len(w.base.segments) - len(todo)
+        if todo or switching:
+            _run(w, job, embedder, ident, todo, switching or recorded is None, report, progress,
+                 commit_every_s, commit_every_segments)
+        report.version = w.base.version
+    report.model_loaded = getattr(embedder, "model", None) is not None
+    if report.model_loaded or (embedder.kind == "hash" and report.chunks):
+        report.device, report.dtype, report.batch_size = embedder.device, embedder.dtype, embedder.batch_size
+    report.load_seconds = round(getattr(embedder, "load_seconds", 0.0), 3) if report.model_loaded else 0.0
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run(w: Writer, job: str, embedder, ident: dict, todo: list, new_identity: bool, report: EmbedReport,
+         progress, commit_every_s: float, commit_every_segments: int) -> None:
+    work = w.work_dir(job)
+    w.write_json(work / "plan.json", {"base_version": w.base.version, "identity": ident})
+    pending: dict[str, dict] = {}
+    last_commit = time.monotonic()
+
+    def commit() -> None:
+        nonlocal new_identity, last_commit
+        data = w.base.derive("embed")
+        if new_identity:  # the run's first commit: config and keys change together
+            if data["config"].get("embedder") is not None:  # --reembed: old keys and indexes no longer apply
                 for seg in data["segments"].values():
                     seg["files"].pop("keys", None)
                     seg["files"].pop("index", None)
-            w.commit(data)
-        for name, seg in todo:
-            result = stage.run((name, seg))
-            data = w.base.derive("embed")
-            data["segments"][name]["files"]["keys"] = result["record"]
-            w.commit(data)
-            report.segments.append(name)
-            report.chunks += result["chunks"]
-        report.version = w.base.version
-    report.seconds = time.perf_counter() - started
-    return report
+            data["config"]["embedder"] = ident
+        for name, record in pending.items():
+            data["segments"][name]["files"]["keys"] = record
+        faults.point("embed.before_commit")
+        w.commit(data)
+        w.write_json(work / "plan.json", {"base_version": w.base.version, "identity": ident})
+        report.segments.extend(sorted(pending))
+        report.commits += 1
+        pending.clear()
+        new_identity = False
+        last_commit = time.monotonic()
+
+    def on_result(result: dict) -> None:
+        pending[result["segment"]] = result["record"]
+        report.chunks += result["chunks"]
+        report.resumed_chunks += result["resumed"]
+        if len(pending) >= commit_every_segments or time.monotonic() - last_commit >= commit_every_s:
+            commit()
+
+    def on_progress(counts: dict) -> None:
+        if progress is not None:
+            progress({**counts, "advance": counts.get("chunks", 0) + counts.get("resumed", 0)})
+
+    if progress is not None:
+        progress({"total": sum(s["chunks"] for _, s in todo)})
+    stage = EmbedStage(w.root, embedder, work)
+    try:
+        LocalExecutor(workers=1).run(stage, todo, on_result=on_result, on_progress=on_progress)
+    except BaseException:
+        if pending:  # finished segments are complete: keep them whatever stopped the run
+            try:
+                commit()
+            except Exception:
+                pass
+        raise
+    if pending or new_identity:
+        commit()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- arbitrary texts
+
+
+@lru_cache(maxsize=2)
+def _cached_embedder(identity_json: str, device: str, dtype: str, batch_size: int | None):
+    return embedder_for({"embedder": json.loads(identity_json)}, device=device, dtype=dtype, batch_size=batch_size)
+
+
+def embed_texts(db_or_root: Database | str | Path, texts: list[str], *, device: str = "auto", dtype: str = "auto",
+                batch_size: int | None = None) -> np.ndarray:
+    """Keys of `texts` made by the database's own embedder: float32 [len(texts), dim], unit rows.
+
+    Comparable with the stored keys (cosine = dot product). The embedder is
+    loaded once per process and kept for the next call (two at most).
+    """
+    db = db_or_root if isinstance(db_or_root, Database) else open_database(db_or_root)
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+        raise RetrodbError("embed_texts takes a list of strings")
+    ident = db.config.get("embedder")
+    if not ident:
+        raise MissingStage(f"{db.root} has no keys yet, so no embedder", hint=f"run: retrodb embed {db.root}")
+    emb = _cached_embedder(json.dumps(ident, sort_keys=True), device, dtype, batch_size)
+    return emb.embed(list(texts))

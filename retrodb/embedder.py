@@ -1,34 +1,48 @@
 """Frozen-BERT keys: mean-pooled (attention-masked), L2-normalised embeddings.
 
-Two embedders share one interface (`embed(texts) -> float32 [n, dim]`, unit rows):
+Two embedders share one interface (`identity()`, `embed(texts) -> float32
+[n, dim]` with unit rows, `load()`):
 - `BertEmbedder`: any local Hugging Face BERT-family directory (default: the
-  bundled all-MiniLM-L6-v2). Batches are sorted by length to avoid padding
-  waste, and the next batch is tokenised on a thread while the model runs.
+  bundled all-MiniLM-L6-v2). Creating one is cheap: its identity (weights
+  sha256, dim from config.json) needs no model, and the model is loaded on
+  the first `embed`, so a command with nothing to embed never loads it.
+  Batches are sorted by length to avoid padding waste, a producer thread
+  tokenises the next batches while the model runs, and on an accelerator the
+  next batch is queued before the previous result is copied back.
 - `HashEmbedder` (`--model hash:DIM`): a deterministic bag-of-words hash,
   for tests and for timing the pipeline without a model. Texts that share
   words get similar keys, so neighbours are still meaningful.
 
-Each has an `identity()` that the database records at its first embed and
-compares on every later one, so keys from two models never mix.
+The identity is recorded in the database config at the first embed and
+compared on every later one, so keys from two models never mix.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import queue
 import re
 import threading
+import time
+from contextlib import nullcontext
 from functools import lru_cache
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigMismatch, RetrodbError
+from .errors import ConfigMismatch, MissingStage, RetrodbError
 
-DEFAULT_MAX_LENGTH = 128
+DEFAULT_MAX_LENGTH = 128  # BERT tokens per chunk, [CLS] and [SEP] included; a 64-token chunk needs about 66
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 HASH_PREFIX = "hash:"
+CPU_BATCH = 32  # chunks per forward on CPU: best or within noise of best for MiniLM and bert-base (bench_embed)
+ACCEL_BATCH = 512  # on CUDA/MPS: big enough to fill the device, small enough to keep padding low
+PREFETCH = 3  # tokenised batches waiting for the model
+WINDOW_BATCHES = 16  # texts are sorted by token count within windows of this many batches
 
 
 def weights_sha256(directory: Path) -> str:
@@ -46,6 +60,24 @@ def weights_sha256(directory: Path) -> str:
     return h.hexdigest()
 
 
+def same_identity(a: dict | None, b: dict | None) -> bool:
+    """Two identities make the same keys (same weights, dim and max length; the path may differ)."""
+    if not a or not b:
+        return False
+    return all(a.get(k) == b.get(k) for k in ("sha256", "dim", "max_length", "pooling"))
+
+
+def check_identity(recorded: dict, current: dict) -> None:
+    if not same_identity(recorded, current):
+        raise ConfigMismatch(
+            f"the database's keys were made by {recorded['path']} (sha256 {recorded['sha256'][:12]}, dim "
+            f"{recorded['dim']}, max length {recorded['max_length']}); this embedder is {current['path']} "
+            f"(sha256 {current['sha256'][:12]}, dim {current['dim']}, max length {current['max_length']})",
+            hint="leave out --model and --max-length to use the database's own embedder, or rebuild every key "
+                 "with: retrodb embed DB --model DIR --reembed",
+        )
+
+
 class HashEmbedder:
     """Deterministic bag-of-words hashing embedder (no model, no torch)."""
 
@@ -59,11 +91,16 @@ class HashEmbedder:
         self.max_length = max_length
         self.device = "cpu"
         self.dtype = "fp32"
+        self.loaded = True
+        self.batch_size = 1024
 
     def identity(self) -> dict:
         return {"kind": "hash", "path": f"{HASH_PREFIX}{self.dim}", "sha256": hashlib.sha256(
             f"hash-embedder-v1:{self.dim}".encode()).hexdigest(), "pooling": "bag-of-words", "dim": self.dim,
             "max_length": self.max_length}
+
+    def load(self) -> "HashEmbedder":
+        return self
 
     @lru_cache(maxsize=1 << 16)
     def _slot(self, word: str) -> tuple[int, float]:
@@ -71,15 +108,28 @@ class HashEmbedder:
         v = int.from_bytes(d, "little")
         return v % self.dim, 1.0 if (v >> 63) & 1 else -1.0
 
-    def embed(self, texts: list[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+    def embed(self, texts: list[str], on_batch=None, out: np.ndarray | None = None) -> np.ndarray:
+        keys = np.zeros((len(texts), self.dim), dtype=np.float32)
         for i, text in enumerate(texts):
             for w in self._word.findall(text.lower())[: self.max_length]:
                 j, s = self._slot(w)
-                out[i, j] += s
-        norms = np.linalg.norm(out, axis=1, keepdims=True)
-        out[:, 0] += (norms[:, 0] == 0)  # a text with no words still gets a unit key
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
+                keys[i, j] += s
+        norms = np.linalg.norm(keys, axis=1, keepdims=True)
+        keys[:, 0] += (norms[:, 0] == 0)  # a text with no words still gets a unit key
+        keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+        out = _output(out, len(texts), self.dim)
+        out[:] = keys
+        if on_batch is not None and texts:
+            on_batch(len(texts))
+        return out
+
+
+def _output(out: np.ndarray | None, rows: int, dim: int) -> np.ndarray:
+    if out is None:
+        return np.empty((rows, dim), dtype=np.float32)
+    if out.shape != (rows, dim) or out.dtype not in (np.float16, np.float32):
+        raise ValueError(f"out must be float16/float32 of shape {(rows, dim)}, not {out.dtype} {out.shape}")
+    return out
 
 
 def cpu_has_native_bf16() -> bool:
@@ -90,38 +140,123 @@ def cpu_has_native_bf16() -> bool:
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
 
 
+def model_hidden_size(directory: Path) -> int:
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        return int(config.get("hidden_size") or config["dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RetrodbError(f"{directory} has no readable config.json with a hidden_size",
+                           hint="pass --model DIR with a local Hugging Face BERT directory") from None
+
+
 class BertEmbedder:
-    """A frozen Hugging Face BERT-family encoder with attention-masked mean pooling."""
+    """A frozen Hugging Face BERT-family encoder with attention-masked mean pooling, loaded on first use."""
 
     kind = "bert"
 
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
                  max_length: int = DEFAULT_MAX_LENGTH, batch_size: int | None = None):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        self.torch = torch
-        self.path = Path(model_dir).resolve()
+        if device not in DEVICES:
+            raise RetrodbError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+        if dtype not in DTYPES:
+            raise RetrodbError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        if max_length < 3:
+            raise RetrodbError(f"--max-length must be at least 3 BERT tokens, not {max_length}")
+        if batch_size is not None and batch_size < 1:
+            raise RetrodbError(f"--batch-size must be at least 1, not {batch_size}")
+        self.path = Path(model_dir).expanduser().resolve()
         if not self.path.is_dir():
             raise RetrodbError(f"model directory {self.path} does not exist",
                                hint="pass --model DIR with a local Hugging Face BERT directory")
-        if device not in DEVICES or dtype not in DTYPES:
-            raise RetrodbError(f"unknown device/dtype {device}/{dtype}: devices {DEVICES}, dtypes {DTYPES}")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), use_fast=True)
-            self.model = AutoModel.from_pretrained(str(self.path))
-        except (OSError, ValueError) as exc:
-            raise RetrodbError(f"cannot load a Hugging Face model from {self.path}: {exc}".splitlines()[0],
-                               hint="the directory needs config.json, weights and a tokenizer") from None
-        self.model.eval().requires_grad_(False)
+        self.dim = model_hidden_size(self.path)
         self.max_length = max_length
-        self.dim = int(self.model.config.hidden_size)
-        self.device = self._pick_device(device)
+        self.requested = (device, dtype)
+        self.requested_batch = batch_size
+        self.device: str | None = None  # set by load()
+        self.dtype: str | None = None
+        self.batch_size = batch_size
+        self.model = None
+        self.tokenizer = None
+        self.load_seconds = 0.0
+        self._sha: str | None = None
+        if device in ("cuda", "mps"):  # fail now, not after the model is read
+            self._check_device(device)
+
+    def __getstate__(self) -> dict:  # picklable for executors: the model is loaded again where it runs
+        state = dict(self.__dict__)
+        state.update(model=None, tokenizer=None, device=None, dtype=None, batch_size=self.requested_batch)
+        state.pop("torch", None)
+        return state
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def identity(self) -> dict:
+        if self._sha is None:
+            self._sha = weights_sha256(self.path)
+        return {"kind": "bert", "path": str(self.path), "sha256": self._sha, "pooling": "mean",
+                "dim": self.dim, "max_length": self.max_length}
+
+    # ------------------------------------------------------------ loading
+
+    def _check_device(self, device: str) -> None:
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RetrodbError("--device cuda, but no CUDA device is visible to torch "
+                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})",
+                               hint="use --device auto or --device cpu")
+        if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise RetrodbError("--device mps, but no Apple GPU is available", hint="use --device auto or --device cpu")
+
+    def load(self) -> "BertEmbedder":
+        """Read the tokenizer and the model, pick device, dtype and batch size. Idempotent."""
+        if self.model is not None:
+            return self
+        started = time.perf_counter()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        self.torch = torch
+        bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on our stderr
+        hf_logging.set_verbosity_error()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(self.path), use_fast=True)
+            model = AutoModel.from_pretrained(str(self.path), dtype=torch.float32)
+        except (OSError, ValueError, KeyError) as exc:
+            raise RetrodbError(f"cannot load a Hugging Face model from {self.path}: {str(exc).splitlines()[0]}",
+                               hint="the directory needs config.json, weights and a tokenizer") from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bar:
+                hf_logging.enable_progress_bar()
+        if not getattr(tokenizer, "is_fast", False):
+            raise RetrodbError(f"{self.path} has no fast tokenizer (tokenizer.json)",
+                               hint="save the tokenizer with a recent transformers to get tokenizer.json")
+        if int(model.config.hidden_size) != self.dim:
+            raise RetrodbError(f"{self.path}: config.json says hidden size {self.dim}, the model has "
+                               f"{model.config.hidden_size}")
+        self.tokenizer = tokenizer
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: we set its truncation
+        backend.no_padding()
+        backend.enable_truncation(self.max_length)
+        self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        self._pad_id = tokenizer.pad_token_id or 0
+        self.model = model.eval().requires_grad_(False)
+        self.device = self._pick_device(self.requested[0])
         self.model.to(self.device)
-        self.dtype = self._pick_dtype(dtype)
-        self.batch_size = batch_size or (256 if self.device == "cuda" else 64)
-        self._sha = None
+        self.dtype = self._pick_dtype(self.requested[1])
+        if self.batch_size is None:
+            self.batch_size = CPU_BATCH if self.device == "cpu" else ACCEL_BATCH
+        self.load_seconds = time.perf_counter() - started
+        return self
 
     def _pick_device(self, device: str) -> str:
         torch = self.torch
@@ -131,15 +266,14 @@ class BertEmbedder:
             if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
                 return "mps"
             return "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RetrodbError("--device cuda, but no CUDA device is visible", hint="use --device auto or cpu")
+        self._check_device(device)
         return device
 
     def _pick_dtype(self, dtype: str) -> str:
         if dtype != "auto":
             return dtype
         if self.device == "cuda":
-            return "bf16"
+            return "bf16" if self.torch.cuda.is_bf16_supported() else "fp16"
         if self.device == "mps":
             return "fp16"
         if not cpu_has_native_bf16():
@@ -147,80 +281,141 @@ class BertEmbedder:
         return self._measure_cpu_dtype()
 
     def _measure_cpu_dtype(self) -> str:
-        """bf16 only if it is faster here: time one 32 x 64-token batch both ways (after a warm-up)."""
-        import time
-
+        """bf16 only if it is faster here: time a 32 x 64-token batch both ways, interleaved, best of 3."""
         torch = self.torch
         ids = torch.randint(1000, 2000, (32, 64))
         mask = torch.ones_like(ids)
-        timings = {}
-        for name in ("fp32", "bf16"):
+        timings = {"fp32": float("inf"), "bf16": float("inf")}
+        for name in timings:  # warm-up
             self.dtype = name
-            best = float("inf")
-            for _ in range(3):
+            self._forward(ids, mask)
+        for _ in range(3):
+            for name in timings:
+                self.dtype = name
                 t = time.perf_counter()
                 self._forward(ids, mask)
-                best = min(best, time.perf_counter() - t)
-            timings[name] = best
+                timings[name] = min(timings[name], time.perf_counter() - t)
         return "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
 
-    def identity(self) -> dict:
-        if self._sha is None:
-            self._sha = weights_sha256(self.path)
-        return {"kind": "bert", "path": str(self.path), "sha256": self._sha, "pooling": "mean",
-                "dim": self.dim, "max_length": self.max_length}
+    # ------------------------------------------------------------ embedding
 
     def _forward(self, input_ids, attention_mask):
+        """Unit-length mean-pooled keys of one tokenised batch, float32, left on the device."""
         torch = self.torch
         input_ids = input_ids.to(self.device, non_blocking=True)
         attention_mask = attention_mask.to(self.device, non_blocking=True)
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.dtype)
         with torch.inference_mode():
-            if amp is not None:
-                with torch.autocast(device_type=self.device if self.device != "mps" else "cpu", dtype=amp):
-                    hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            else:
+            with torch.autocast(device_type=self.device, dtype=amp) if amp is not None else nullcontext():
                 hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             m = attention_mask.unsqueeze(-1).to(torch.float32)
             pooled = (hidden.float() * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.cpu().numpy()
+            return torch.nn.functional.normalize(pooled, dim=-1)
 
-    def _tokenize(self, texts: list[str]):
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt", return_token_type_ids=False)
-        return enc["input_ids"], enc["attention_mask"]
+    def tokenize(self, texts: list[str]):
+        """input_ids and attention_mask of one batch, padded to its longest text (to a multiple of 8 off CPU)."""
+        rows = [e.ids for e in self._encode(texts)]
+        return self._pad(rows, np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
 
-    def embed(self, texts: list[str], on_batch=None) -> np.ndarray:
-        """Keys for `texts`, in order: float32 [len(texts), dim], rows of unit length."""
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
+    def _pad(self, rows: list[list[int]], lengths: np.ndarray):
+        torch = self.torch
+        width = int(lengths.max()) if len(rows) else 0
+        if self.device != "cpu":
+            width = -(-width // 8) * 8
+        mask = np.arange(width) < lengths[:, None]
+        ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+        ids[mask] = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
+        if self.device == "cuda":
+            ids, mask = ids.pin_memory(), mask.pin_memory()
+        return ids, mask
+
+    def _batches(self, texts: list[str]):
+        """(indices, input_ids, attention_mask) batches covering `texts`, each of similar token lengths.
+
+        Texts are taken longest first (by characters), tokenised a window of WINDOW_BATCHES batches
+        at a time, and sorted by token count within the window, so batches pad very little. The Rust
+        tokenizer is called directly: the same ids as the transformers tokenizer, without its
+        per-token Python lists (which cost more than the tokenising itself).
+        """
+        order = np.argsort(np.fromiter((-len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
+        window = WINDOW_BATCHES * self.batch_size
+        for w in range(0, len(order), window):
+            idx = order[w: w + window]
+            rows = [e.ids for e in self._encode([texts[j] for j in idx])]
+            lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+            by_length = np.argsort(-lengths, kind="stable")
+            for b in range(0, len(idx), self.batch_size):
+                pick = by_length[b: b + self.batch_size]
+                yield (idx[pick], *self._pad([rows[k] for k in pick], lengths[pick]))
+
+    def embed(self, texts: list[str], on_batch=None, out: np.ndarray | None = None) -> np.ndarray:
+        """Keys for `texts`, in order: float32 [len(texts), dim], rows of unit length.
+
+        `on_batch(n)` is called after each batch of n texts is done. With `out` (float16 or
+        float32, [len(texts), dim], e.g. a slice of a memory-mapped keys file) rows go there.
+        A producer thread tokenises ahead (PREFETCH batches) while the model runs; on an
+        accelerator each batch's keys are copied back only after the next batch is queued.
+        """
+        self.load()
+        out = _output(out, len(texts), self.dim)
         if not texts:
             return out
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        # Tokenise batch i+1 on a thread while batch i runs through the model.
-        result: dict[int, object] = {}
+        ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
+        stop = threading.Event()
+        done = object()
 
-        def prepare(i: int) -> None:
-            result[i] = self._tokenize([texts[j] for j in batches[i]])
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
-        thread = threading.Thread(target=prepare, args=(0,))
-        thread.start()
-        for i, idx in enumerate(batches):
-            thread.join()
-            ids, mask = result.pop(i)
-            if i + 1 < len(batches):
-                thread = threading.Thread(target=prepare, args=(i + 1,))
-                thread.start()
-            out[idx] = self._forward(ids, mask)
-            if on_batch is not None:
-                on_batch(len(idx))
+        def produce() -> None:
+            try:
+                for batch in self._batches(texts):
+                    if not put(batch):
+                        return
+                put(done)
+            except BaseException as exc:  # handed to the consumer, raised there
+                put(exc)
+
+        producer = threading.Thread(target=produce, name="retrodb-tokenize", daemon=True)
+        producer.start()
+        pending = None  # (indices, keys still on the device)
+        try:
+            while (item := ready.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                idx, ids, mask = item
+                keys = self._forward(ids, mask)
+                if pending is not None:
+                    self._collect(out, *pending, on_batch)
+                pending = (idx, keys)
+            if pending is not None:
+                self._collect(out, *pending, on_batch)
+        finally:
+            stop.set()
+            producer.join()
         return out
+
+    def _collect(self, out: np.ndarray, idx, keys, on_batch) -> None:
+        if out.dtype == np.float16:  # round on the device: half the bytes to copy back
+            keys = keys.to(self.torch.float16)
+        out[idx] = keys.cpu().numpy()
+        if on_batch is not None:
+            on_batch(len(idx))
 
 
 def load_embedder(model: str | Path | None = None, device: str = "auto", dtype: str = "auto",
                   max_length: int = DEFAULT_MAX_LENGTH, batch_size: int | None = None):
-    """An embedder for `model`: a local HF directory, `hash:DIM`, or None for the bundled MiniLM."""
+    """An embedder for `model`: a local HF directory, `hash:DIM`, or None for the bundled MiniLM.
+
+    Cheap: a BERT model is read only at its first `embed` (or `load()`).
+    """
     if model is not None and str(model).startswith(HASH_PREFIX):
         try:
             dim = int(str(model)[len(HASH_PREFIX):])
@@ -234,25 +429,30 @@ def load_embedder(model: str | Path | None = None, device: str = "auto", dtype: 
     return BertEmbedder(model, device=device, dtype=dtype, max_length=max_length, batch_size=batch_size)
 
 
-def embedder_for(config: dict, device: str = "auto", dtype: str = "auto", batch_size: int | None = None):
-    """The embedder a database was built with (its config['embedder']), checked against its identity."""
+def embedder_for(config: dict, device: str = "auto", dtype: str = "auto", batch_size: int | None = None, *,
+                 check: bool = True):
+    """The embedder a database was built with (its config['embedder']), checked against its identity.
+
+    If the recorded directory is gone (the database moved to another machine) and the
+    bundled model has the recorded weights, the bundled one is used.
+    """
     ident = config.get("embedder")
     if not ident:
-        from .errors import MissingStage
-
         raise MissingStage("this database has no keys yet", hint="run: retrodb embed DB")
-    emb = load_embedder(ident["path"], device=device, dtype=dtype, max_length=ident["max_length"],
-                        batch_size=batch_size)
-    check_identity(ident, emb.identity())
+    path = ident["path"]
+    if not path.startswith(HASH_PREFIX) and not Path(path).is_dir():
+        path = _bundled_with(ident["sha256"]) or path
+    emb = load_embedder(path, device=device, dtype=dtype, max_length=ident["max_length"], batch_size=batch_size)
+    if check:
+        check_identity(ident, emb.identity())
     return emb
 
 
-def check_identity(recorded: dict, current: dict) -> None:
-    if recorded["sha256"] != current["sha256"] or recorded["dim"] != current["dim"] \
-            or recorded["max_length"] != current["max_length"]:
-        raise ConfigMismatch(
-            f"the database's keys were made by {recorded['path']} (sha256 {recorded['sha256'][:12]}, dim "
-            f"{recorded['dim']}, max length {recorded['max_length']}); this embedder is {current['path']} "
-            f"(sha256 {current['sha256'][:12]}, dim {current['dim']}, max length {current['max_length']})",
-            hint="use the database's own model, or rebuild every key with: retrodb embed DB --model DIR --reembed",
-        )
+def _bundled_with(sha256: str) -> Path | None:
+    from .tokenizer import default_model_dir
+
+    try:
+        bundled = default_model_dir()
+        return bundled if weights_sha256(bundled) == sha256 else None
+    except RetrodbError:
+        return None

@@ -188,7 +188,7 @@ def _deduplicate(w: Writer, job_dir: Path, entries: dict[str, dict], opts: Inges
                  report: IngestReport, replace: bool) -> list[dict]:
     """Drop documents whose id repeats an earlier new document or (unless `replace`) a live one.
 
-    Returns the live documents that new ones replace (segment, doc_id, first_chunk_id, num_chunks).
+    Returns the live documents that new ones replace (segment, doc_id, first_chunk_id, num_chunks, num_tokens).
     """
     if not entries:
         return []
@@ -207,7 +207,7 @@ def _deduplicate(w: Writer, job_dir: Path, entries: dict[str, dict], opts: Inges
             "(PARTITION BY doc_id ORDER BY segment, rn) AS k FROM new_docs) WHERE k > 1 ORDER BY segment, rn"
         ).fetchall()
         existing = con.execute(
-            "SELECT segment, doc_id, first_chunk_id, num_chunks FROM documents "
+            "SELECT segment, doc_id, first_chunk_id, num_chunks, num_tokens FROM documents "
             "WHERE doc_id IN (SELECT doc_id FROM new_docs) ORDER BY segment, doc_id"
         ).fetchall()
         clashing = con.execute(
@@ -228,7 +228,8 @@ def _deduplicate(w: Writer, job_dir: Path, entries: dict[str, dict], opts: Inges
         _drop_documents(w, job_dir, seg, entries, ids)
     if not replace:
         return []
-    return [{"segment": s, "doc_id": d, "first_chunk_id": f, "num_chunks": n} for s, d, f, n in existing]
+    return [{"segment": s, "doc_id": d, "first_chunk_id": f, "num_chunks": n, "num_tokens": t}
+            for s, d, f, n, t in existing]
 
 
 def _drop_documents(w: Writer, job_dir: Path, seg: str, entries: dict[str, dict], doc_ids: set[str]) -> None:

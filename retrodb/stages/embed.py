@@ -1,17 +1,30 @@
-"""Embed stage: one segment's chunks -> its keys file (float16, row-aligned with chunks.parquet)."""
+"""Embed stage: one segment's chunks -> its keys file (float16, row-aligned with chunks.parquet).
+
+Work in progress is durable: the keys are written into `<work_dir>/<segment>.keys.npy`
+(a preallocated .npy, memory-mapped) one pass of `rows_per_pass` chunks at a time;
+after each pass the file is flushed and fsynced, then `<segment>.rows.json` records
+how many leading rows are final. A rerun after a crash continues from there, so a
+crash costs at most the pass it interrupted. The finished file is renamed to
+`segments/<segment>/keys-<sha12>-<maxlen>.npy`; until a snapshot lists it, a rerun
+finds it there and reuses it.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from .. import faults
-from ..atomic import file_record, publish, tmp_path_for
+from ..atomic import atomic_write_bytes, file_record, fsync_file, publish, tmp_path_for
+from ..errors import CorruptDatabase
 from .base import Stage
 
-ROWS_PER_PASS = 8192  # chunks embedded per pass: bounds memory for any segment size
+ROWS_PER_PASS = 8192  # chunks per durable pass: bounds lost work (and float32 memory) per crash
+PASS_ROWS_ENV = "RETRODB_EMBED_PASS_ROWS"  # overrides ROWS_PER_PASS (crash tests use small passes)
 
 
 def keys_file_name(identity: dict) -> str:
@@ -28,27 +41,75 @@ def chunk_texts(root: Path, seg: dict) -> list[str]:
 
 
 class EmbedStage(Stage):
+    """Reports `chunks` (embedded now) and `resumed` (rows found finished) as it goes."""
+
     name = "embed"
 
-    def __init__(self, root: Path, embedder):
+    def __init__(self, root: Path, embedder, work_dir: Path, rows_per_pass: int | None = None):
         self.root = Path(root)
         self.embedder = embedder
+        self.work_dir = Path(work_dir)
+        self.rows_per_pass = rows_per_pass
+
+    def pass_rows(self) -> int:
+        """Chunks per durable pass: at least ROWS_PER_PASS, and 128 batches (a pass costs an fsync)."""
+        if self.rows_per_pass or os.environ.get(PASS_ROWS_ENV):
+            return max(1, self.rows_per_pass or int(os.environ[PASS_ROWS_ENV]))
+        self.embedder.load()
+        return max(ROWS_PER_PASS, 128 * self.embedder.batch_size)
 
     def run(self, unit: tuple[str, dict]) -> dict:
         name, seg = unit
-        directory = self.root / "segments" / name
-        final = directory / keys_file_name(self.embedder.identity())
-        if final.exists():  # finished by an earlier, interrupted run
-            return {"segment": name, "record": file_record(self.root, final), "chunks": seg["chunks"], "resumed": True}
+        final = self.root / "segments" / name / keys_file_name(self.embedder.identity())
+        result = {"segment": name, "chunks": 0, "resumed": 0}
+        if final.exists():  # finished by an earlier, interrupted run, not yet committed
+            self.report(resumed=seg["chunks"])
+            return {**result, "record": file_record(self.root, final), "resumed": seg["chunks"]}
         texts = chunk_texts(self.root, seg)
-        tmp = tmp_path_for(final)
-        keys = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(texts), self.embedder.dim))
-        for start in range(0, len(texts), ROWS_PER_PASS):
-            part = texts[start: start + ROWS_PER_PASS]
-            keys[start: start + len(part)] = self.embedder.embed(part).astype(np.float16)
-            self.report(chunks=len(part))
+        if len(texts) != seg["chunks"]:
+            raise CorruptDatabase(f"{name}: chunks.parquet has {len(texts)} rows, the manifest says {seg['chunks']}",
+                                  hint="run: retrodb verify DB")
+        dim = self.embedder.dim
+        if not texts:
+            tmp = tmp_path_for(final)
+            with open(tmp, "wb") as f:
+                np.save(f, np.empty((0, dim), dtype=np.float16))
+            publish(tmp, final)
+            return {**result, "record": file_record(self.root, final)}
+        partial = self.work_dir / f"{name}.keys.npy"
+        marker = self.work_dir / f"{name}.rows.json"
+        done = self._rows_done(partial, marker, len(texts), dim)
+        if done:
+            keys = np.lib.format.open_memmap(partial, mode="r+")
+            self.report(resumed=done)
+        else:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            marker.unlink(missing_ok=True)
+            keys = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(texts), dim))
+        per_pass = self.pass_rows()
+        for start in range(done, len(texts), per_pass):
+            stop = min(start + per_pass, len(texts))
+            self.embedder.embed(texts[start:stop], on_batch=lambda n: self.report(chunks=n), out=keys[start:stop])
+            keys.flush()
+            fsync_file(partial)
+            atomic_write_bytes(marker, json.dumps({"rows": stop, "of": len(texts), "dim": dim}).encode())
             faults.point("embed.pass_done")
-        keys.flush()
         del keys
-        publish(tmp, final)
-        return {"segment": name, "record": file_record(self.root, final), "chunks": len(texts), "resumed": False}
+        publish(partial, final)
+        marker.unlink(missing_ok=True)
+        faults.point("embed.segment_done")
+        return {**result, "record": file_record(self.root, final), "chunks": len(texts) - done, "resumed": done}
+
+    @staticmethod
+    def _rows_done(partial: Path, marker: Path, rows: int, dim: int) -> int:
+        """Leading rows of `partial` that an earlier run finished (0 if none, or if it does not match)."""
+        try:
+            mark = json.loads(marker.read_text())
+            header = np.load(partial, mmap_mode="r")
+            shape, dtype = header.shape, header.dtype
+            del header
+        except (OSError, ValueError):
+            return 0
+        if shape != (rows, dim) or dtype != np.float16 or mark.get("of") != rows:
+            return 0
+        return max(0, min(int(mark.get("rows", 0)), rows))

@@ -1,0 +1,109 @@
+"""`retrodb add`: ingest, embed and index new documents as new segments, in ONE commit.
+
+Unlike `ingest` + `embed` + `index` (three commands, several commits), an
+add becomes visible all at once or not at all: the new segments are written,
+embedded with the database's own embedder (when it has keys) and indexed
+(when it has an index) under the writer lock, and only then committed. With
+`replace`, documents whose id is already live are superseded: the old
+versions get tombstones in the same commit, so no snapshot shows both or
+neither. Without it such documents are refused (skipped and reported, or
+the whole add fails under `--on-error fail`), as ingest does.
+
+Resumable like ingest: a rerun of the same add after a crash reuses the
+segments (and keys files) already written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import faults, tombstones
+from .database import Database
+from .errors import RetrodbError
+from .ingest import IngestOptions, IngestReport, job_key, stage_sources
+from .readers import ReadOptions, plan_pieces
+
+
+@dataclass
+class AddReport:
+    ingest: IngestReport
+    version: int
+    replaced: int = 0
+    replaced_chunks: int = 0
+    embedded_chunks: int = 0
+    indexed_segments: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = self.ingest.to_dict()
+        d.update({k: v for k, v in self.__dict__.items() if k != "ingest"})
+        return d
+
+
+def add(root: str | Path, sources: list[str], opts: IngestOptions | None = None, *, replace: bool = False,
+        device: str = "auto", batch_size: int | None = None, wait: float = 0.0, progress=None,
+        stdin=None) -> AddReport:
+    """Add the documents of `sources` to the existing database at `root` in one commit (see the module doc)."""
+    opts = opts or IngestOptions()
+    opts.check()
+    if not sources:
+        raise RetrodbError("nothing to add: give at least one file, folder, or - for stdin")
+    started = time.perf_counter()
+    db = Database(root)
+    pieces, plan_issues = plan_pieces(sources, opts.fmt, opts.segment_bytes, ReadOptions(opts.text_field, opts.id_field))
+    job = "add-" + hashlib.sha256(f"{job_key(sources, pieces, opts, db.config)}:{replace}".encode()).hexdigest()[:16]
+    with db.writer("add", wait=wait, keep_job=job) as w:
+        config = w.base.config
+        embedder = index_builder = None
+        if config.get("embedder"):  # load the model before any work: a missing model fails fast
+            from .embedder import embedder_for
+
+            embedder = embedder_for(config, device=device, batch_size=batch_size)
+        if config.get("index"):
+            index_builder = _index_builder()
+        staged = stage_sources(w, job, pieces, plan_issues, opts, replace=replace, progress=progress, stdin=stdin)
+        report = AddReport(staged.report, w.base.version)
+        if not staged.entries:  # nothing new (everything skipped): no commit
+            shutil.rmtree(staged.job_dir, ignore_errors=True)
+            report.seconds = time.perf_counter() - started
+            return report
+        if embedder is not None:
+            from .stages.embed import EmbedStage
+
+            stage = EmbedStage(w.root, embedder, staged.job_dir)  # partial keys resume from the job dir
+            for name, entry in sorted(staged.entries.items()):
+                entry["files"]["keys"] = stage.run((name, entry))["record"]
+                report.embedded_chunks += entry["chunks"]
+            faults.point("add.embedded")
+        if index_builder is not None:
+            for name, entry in sorted(staged.entries.items()):
+                entry["files"]["index"] = index_builder(w.root, name, entry, config["index"])
+                report.indexed_segments += 1
+            faults.point("add.indexed")
+        data = w.base.derive("add")
+        data["segments"].update(staged.entries)
+        data["next_segment"] = staged.next_segment
+        if staged.replaced:
+            totals = tombstones.add(w, data, staged.replaced)
+            report.replaced, report.replaced_chunks = totals["documents"], totals["chunks"]
+        report.version = w.commit(data).version
+        shutil.rmtree(staged.job_dir, ignore_errors=True)
+    if embedder is None:
+        report.notes.append("the database has no keys yet: the new documents are not embedded (run retrodb embed)")
+    report.ingest.version = report.version
+    report.seconds = report.ingest.seconds = time.perf_counter() - started
+    return report
+
+
+def _index_builder():
+    try:
+        from .index import build_segment_index
+    except ImportError:
+        raise RetrodbError("this database has HNSW indexes but this retrodb has no index module to extend them",
+                           hint="install a retrodb with `retrodb index`") from None
+    return build_segment_index

@@ -1,0 +1,396 @@
+"""`retrodb verify`: prove a snapshot is whole and consistent, and list what interrupted commands left.
+
+Verification is a list of checks (`CHECKS`), each a function over a
+`Verification` that records findings: errors (the snapshot is damaged:
+a missing or altered file, counts that do not line up, broken chunk ids or
+continuation pointers) and warnings (harmless leftovers of an interrupted
+command, which the next writing command cleans). A new check (e.g. redaction's
+`--absent TEXT`) is one more function passed in `extra`.
+
+It reads one snapshot's tables column by column, one segment at a time, so
+memory grows with a segment, not with the database. Checksums read every
+byte; `quick` compares sizes only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import snapshot as snap
+from .atomic import TMP_PREFIX, file_digest
+from .database import WORK
+from .errors import RetrodbError
+from .lock import read_holder
+from .snapshot import Snapshot
+
+
+@dataclass
+class Finding:
+    level: str  # "error" (the snapshot is damaged) or "warning" (a harmless leftover)
+    check: str
+    message: str
+    path: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class Verification:
+    """What checks share: the snapshot under test, options, and the findings so far."""
+
+    root: Path
+    snapshot: Snapshot
+    quick: bool = False
+    findings: list[Finding] = field(default_factory=list)
+    damaged: set[str] = field(default_factory=set)  # segments whose files are missing or altered
+    check: str = ""
+
+    def error(self, message: str, path: str | None = None) -> None:
+        self.findings.append(Finding("error", self.check, message, path))
+
+    def warn(self, message: str, path: str | None = None) -> None:
+        self.findings.append(Finding("warning", self.check, message, path))
+
+    def readable_segments(self):
+        """(name, entry) of the segments whose files passed the file check."""
+        return [(n, s) for n, s in sorted(self.snapshot.segments.items()) if n not in self.damaged]
+
+
+Check = Callable[[Verification], None]
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    version: int
+    quick: bool
+    checks: list[str]
+    findings: list[Finding]
+    segments: int
+    files: int
+    bytes: int
+    seconds: float
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "version": self.version, "ok": self.ok, "quick": self.quick,
+                "errors": len(self.errors), "warnings": len(self.warnings), "checks": self.checks,
+                "segments": self.segments, "files": self.files, "bytes": self.bytes,
+                "seconds": round(self.seconds, 3), "findings": [f.to_dict() for f in self.findings]}
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_files(v: Verification) -> None:
+    """Every file the snapshot references exists and has its recorded size (and sha256 unless quick)."""
+    for name, seg in sorted(v.snapshot.segments.items()):
+        for kind, rec in sorted(seg["files"].items()):
+            path = v.root / rec["path"]
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                v.error(f"{name}: {kind} file is missing", rec["path"])
+                v.damaged.add(name)
+                continue
+            if size != rec["bytes"]:
+                v.error(f"{name}: {kind} file has {size:,} bytes, the manifest says {rec['bytes']:,}", rec["path"])
+                v.damaged.add(name)
+            elif not v.quick and file_digest(path) != rec["sha256"]:
+                v.error(f"{name}: {kind} file content differs from its recorded sha256", rec["path"])
+                v.damaged.add(name)
+
+
+def check_rows(v: Verification) -> None:
+    """Per segment: documents, chunks, keys and index agree with each other and with the manifest counts;
+    each document's chunks are consecutive rows with ids first_chunk_id + position; continuation pointers
+    name the next chunk of the same document (null for its last)."""
+    import pyarrow.parquet as pq
+
+    dim = (v.snapshot.config.get("embedder") or {}).get("dim")
+    for name, seg in v.readable_segments():
+        files = seg["files"]
+        docs = pq.read_table(v.root / files["documents"]["path"],
+                             columns=["doc_id", "num_tokens", "num_chunks", "first_chunk_id"])
+        chunks = pq.read_table(v.root / files["chunks"]["path"],
+                               columns=["chunk_id", "doc_id", "position", "num_tokens", "continuation_id"])
+        for what, have, want in (("documents", docs.num_rows, seg["documents"]),
+                                 ("chunks", chunks.num_rows, seg["chunks"]),
+                                 ("tokens (documents)", _sum(docs["num_tokens"]), seg["tokens"]),
+                                 ("tokens (chunks)", _sum(chunks["num_tokens"]), seg["tokens"]),
+                                 ("chunks (documents.num_chunks)", _sum(docs["num_chunks"]), seg["chunks"])):
+            if have != want:
+                v.error(f"{name}: {have:,} {what}, the manifest says {want:,}", files["documents"]["path"])
+        doc_ids = docs["doc_id"].to_numpy(zero_copy_only=False)
+        if len(set(doc_ids.tolist())) != len(doc_ids):
+            v.error(f"{name}: a document id appears twice in the segment", files["documents"]["path"])
+        if _sum(docs["num_chunks"]) == chunks.num_rows:
+            _check_chunk_layout(v, name, files["chunks"]["path"], docs, chunks)
+        if "keys" in files:
+            _check_keys(v, name, files["keys"]["path"], seg["chunks"], dim)
+        if "index" in files:
+            count = _hnsw_element_count(v.root / files["index"]["path"])
+            if count != seg["chunks"]:
+                v.error(f"{name}: index holds {count:,} elements for {seg['chunks']:,} chunks", files["index"]["path"])
+
+
+def _sum(column) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(column).as_py() or 0)
+
+
+def _check_chunk_layout(v: Verification, name: str, path: str, docs, chunks) -> None:
+    n_chunks = docs["num_chunks"].to_numpy().astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(n_chunks)[:-1]]).astype(np.int64)
+    row_doc = np.repeat(np.arange(docs.num_rows), n_chunks)
+    want_pos = np.arange(chunks.num_rows, dtype=np.int64) - starts[row_doc]
+    want_id = docs["first_chunk_id"].to_numpy()[row_doc] + want_pos
+    chunk_ids = chunks["chunk_id"].to_numpy()
+    problems = [
+        ("doc_id does not match its document's rows",
+         chunks["doc_id"].to_numpy(zero_copy_only=False) != docs["doc_id"].to_numpy(zero_copy_only=False)[row_doc]),
+        ("position is not its index within the document", chunks["position"].to_numpy() != want_pos),
+        ("chunk_id is not first_chunk_id + position", chunk_ids != want_id),
+    ]
+    last = np.zeros(chunks.num_rows, dtype=bool)
+    last[starts + n_chunks - 1] = n_chunks > 0
+    cont = chunks["continuation_id"]
+    null = cont.is_null().to_numpy(zero_copy_only=False)
+    values = cont.fill_null(-1).to_numpy()
+    nxt = np.append(chunk_ids[1:], -1)
+    problems.append(("continuation_id is not null on a document's last chunk", last & ~null))
+    problems.append(("continuation_id does not name the next chunk of the same document",
+                     ~last & (null | (values != nxt))))
+    for message, bad in problems:
+        if bad.any():
+            row = int(np.argmax(bad))
+            v.error(f"{name}: {int(bad.sum()):,} chunk(s): {message} (first: row {row}, chunk_id {chunk_ids[row]})",
+                    path)
+
+
+def _check_keys(v: Verification, name: str, path: str, chunks: int, dim: int | None) -> None:
+    try:
+        with open(v.root / path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    except ValueError as exc:
+        v.error(f"{name}: keys file is not a .npy array ({exc})", path)
+        return
+    want = (chunks, dim) if dim else (chunks,) + tuple(shape[1:])
+    if tuple(shape) != want or dtype != np.float16:
+        v.error(f"{name}: keys are {dtype}{list(shape)}, expected float16{list(want)}", path)
+
+
+def _hnsw_element_count(path: Path) -> int:
+    """hnswlib's saved header starts with offsetLevel0, max_elements, cur_element_count (size_t each)."""
+    with open(path, "rb") as f:
+        return struct.unpack("<QQQ", f.read(24))[2]
+
+
+def check_chunk_ids(v: Verification) -> None:
+    """Chunk ids are unique across the snapshot: every document owns the range first_chunk_id .. + num_chunks - 1
+    (check_rows proves it), and no two ranges overlap."""
+    import pyarrow.parquet as pq
+
+    firsts, counts, owners, names = [], [], [], []
+    for name, seg in v.readable_segments():
+        t = pq.read_table(v.root / seg["files"]["documents"]["path"], columns=["first_chunk_id", "num_chunks"])
+        firsts.append(t["first_chunk_id"].to_numpy())
+        counts.append(t["num_chunks"].to_numpy().astype(np.int64))
+        owners.append(np.full(t.num_rows, len(names)))
+        names.append(name)
+    if not names:
+        return
+    first, count, owner = (np.concatenate(x) for x in (firsts, counts, owners))
+    order = np.argsort(first, kind="stable")
+    first, end, owner = first[order], first[order] + count[order], owner[order]
+    overlap = first[1:] < end[:-1]
+    if overlap.any():
+        i = int(np.argmax(overlap))
+        v.error(f"{int(overlap.sum()):,} chunk id range(s) overlap, e.g. id {first[i + 1]} is used in both "
+                f"{names[owner[i]]} and {names[owner[i + 1]]}")
+
+
+def check_tombstones(v: Verification) -> None:
+    """Tombstones name documents of their own segment (with the same chunk range), once, and the manifest's
+    deleted_* counts are their totals."""
+    import pyarrow.parquet as pq
+
+    from . import tombstones
+
+    for name, seg in v.readable_segments():
+        rec = seg["files"].get("tombstones")
+        counts = [seg.get(k, 0) for k in ("deleted_documents", "deleted_chunks", "deleted_tokens")]
+        if rec is None:
+            if any(counts):
+                v.error(f"{name}: the manifest counts deleted rows but the segment has no tombstones file")
+            continue
+        t = tombstones.read(v.root, seg)
+        docs = pq.read_table(v.root / seg["files"]["documents"]["path"],
+                             columns=["doc_id", "first_chunk_id", "num_chunks", "num_tokens"])
+        by_id = {d: (f, n, k) for d, f, n, k in zip(*(docs[c].to_pylist() for c in docs.column_names))}
+        ids = t["doc_id"].to_pylist()
+        if len(set(ids)) != len(ids):
+            v.error(f"{name}: a document is tombstoned twice", rec["path"])
+        tokens = 0
+        for d, f, n in zip(ids, t["first_chunk_id"].to_pylist(), t["num_chunks"].to_pylist()):
+            if d not in by_id:
+                v.error(f"{name}: tombstone for {d!r}, which is not a document of this segment", rec["path"])
+            elif by_id[d][:2] != (f, n):
+                v.error(f"{name}: tombstone for {d!r} says chunks {f}+{n}, the document has "
+                        f"{by_id[d][0]}+{by_id[d][1]}", rec["path"])
+            else:
+                tokens += by_id[d][2]
+        have = [t.num_rows, _sum(t["num_chunks"]), tokens]
+        if have != counts:
+            v.error(f"{name}: tombstones hold {have[0]} documents / {have[1]} chunks / {have[2]} tokens, the "
+                    f"manifest says {counts[0]} / {counts[1]} / {counts[2]}", rec["path"])
+
+
+def check_retained(v: Verification) -> None:
+    """Every other retained snapshot still has all its files (sizes only), so `--at` works on each. Files it
+    shares with the snapshot under test were checked by check_files."""
+    checked = {rec["path"] for rec in v.snapshot.files()}
+    for version in snap.retained_versions(v.root):
+        if version == v.snapshot.version or version > snap.current_version(v.root):
+            continue
+        try:
+            other = snap.read_manifest(v.root, version)
+        except RetrodbError as exc:
+            v.error(f"retained snapshot v{version} cannot be read: {exc.message}")
+            continue
+        for rec in other.files():
+            if rec["path"] in checked:
+                continue
+            path = v.root / rec["path"]
+            if not path.exists() or path.stat().st_size != rec["bytes"]:
+                v.error(f"retained snapshot v{version} references {'a missing' if not path.exists() else 'an altered'}"
+                        f" file", rec["path"])
+
+
+def check_leftovers(v: Verification) -> None:
+    """Leftovers of interrupted commands (harmless, cleaned by the next writer, or by vacuum): temporary files,
+    unfinished jobs, uncommitted manifests, unreferenced segment files, a stale writer lock."""
+    root = v.root
+    for tmp in sorted(root.rglob(f"{TMP_PREFIX}*")):
+        v.warn("temporary file of an interrupted write (the next writing command removes it)", _rel(root, tmp))
+    work = root / WORK
+    for job in sorted(work.iterdir()) if work.exists() else []:
+        v.warn(f"unfinished job {job.name} (rerun the same command to resume it; any other writing command "
+               "removes it)", _rel(root, job))
+    current = snap.current_version(root)
+    for version in snap.retained_versions(root):
+        if version > current:
+            v.warn(f"manifest v{version} was never committed (the next writing command removes it)",
+                   f"{snap.MANIFESTS}/{snap.manifest_name(version)}")
+    referenced = referenced_paths(root)
+    seg_root = root / snap.SEGMENTS
+    for d in sorted(seg_root.iterdir()) if seg_root.exists() else []:
+        files = [p for p in d.iterdir() if not p.name.startswith(TMP_PREFIX)] if d.is_dir() else [d]
+        stray = [p for p in files if _rel(root, p) not in referenced]
+        if stray and len(stray) == len(files):
+            v.warn("segment directory no retained snapshot references (`retrodb vacuum` removes it)", _rel(root, d))
+        else:
+            for p in stray:
+                v.warn("file no retained snapshot references (`retrodb vacuum` removes it)", _rel(root, p))
+    holder = read_holder(root)
+    if holder:
+        if holder.get("host") not in (None, socket.gethostname()):
+            v.warn(f"the writer lock names pid {holder.get('pid')} on host {holder['host']} ('{holder.get('command')}'"
+                   "); if that process is gone, the next writer takes the lock over", "LOCK")
+        elif _alive(holder.get("pid")):
+            v.warn(f"a writer is running now: pid {holder['pid']} ('{holder.get('command')}', since "
+                   f"{holder.get('since')}); its uncommitted files show up as leftovers", "LOCK")
+        else:
+            v.warn(f"stale writer lock of pid {holder.get('pid')} ('{holder.get('command')}', since "
+                   f"{holder.get('since')}), which is gone; the next writer takes it over", "LOCK")
+
+
+def referenced_paths(root: Path) -> set[str]:
+    """Relative paths of every file a committed, retained snapshot references."""
+    current = snap.current_version(root)
+    out: set[str] = set()
+    for version in snap.retained_versions(root):
+        if version > current:
+            continue
+        try:
+            out.update(rec["path"] for rec in snap.read_manifest(root, version).files())
+        except RetrodbError:
+            continue
+    return out
+
+
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+CHECKS: list[tuple[str, Check]] = [
+    ("files", check_files),
+    ("rows", check_rows),
+    ("chunk_ids", check_chunk_ids),
+    ("tombstones", check_tombstones),
+    ("retained", check_retained),
+    ("leftovers", check_leftovers),
+]
+
+
+def verify(root: str | Path, *, at: int | None = None, quick: bool = False,
+           extra: list[tuple[str, Check]] | None = None) -> VerifyReport:
+    """Run every check (plus `extra`) on the current snapshot (or version `at`) of the database at `root`."""
+    from .database import open as open_db
+
+    started = time.perf_counter()
+    db = open_db(root, at)
+    v = Verification(db.root, db.snapshot, quick)
+    names = []
+    for name, check in CHECKS + list(extra or []):
+        v.check = name
+        names.append(name)
+        try:
+            check(v)
+        except RetrodbError as exc:
+            v.error(f"could not complete: {exc.message}")
+        except (OSError, ValueError, KeyError, struct.error) as exc:  # a file too damaged to parse
+            v.error(f"could not complete: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # pyarrow's ArrowInvalid for a broken Parquet file
+            if type(exc).__module__.startswith("pyarrow"):
+                v.error(f"could not complete: {type(exc).__name__}: {exc}")
+            else:
+                raise
+    files = db.snapshot.files()
+    return VerifyReport(str(db.root), db.version, quick, names, v.findings, len(db.snapshot.segments), len(files),
+                        sum(f["bytes"] for f in files), time.perf_counter() - started)
