@@ -53,6 +53,21 @@ class Output:
         return _NullProgress() if self.json else RichProgress(self.err, description, unit)
 
 
+def confirm(yes: bool, question: str) -> None:
+    """Destructive commands: go on with --yes, ask on a terminal, refuse elsewhere."""
+    import typer
+
+    from retrodb.errors import RetrodbError
+
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise RetrodbError("refusing to change the database without confirmation: not on a terminal",
+                           hint="pass --yes to confirm, or --dry-run to only see the plan")
+    if not typer.confirm(question, default=False, err=True):
+        raise typer.Abort()
+
+
 def _jsonable(v):
     from decimal import Decimal
 

@@ -11,7 +11,7 @@ import typer
 
 from ._options import (DbArg, DryRunOpt, FormatsOpt, IdFieldOpt, OnErrorOpt, SegmentMbOpt, TextFieldOpt, WaitOpt,
                        WorkersOpt, YesOpt, Format, FormatOpt)
-from ._output import Output
+from ._output import Output, confirm
 
 
 def add(
@@ -110,7 +110,7 @@ def delete(
     if dry_run:
         return
     if plan.documents:
-        _confirm(out, yes, f"delete {len(plan.documents):,} document(s), {plan.chunks:,} chunks?")
+        confirm(yes, f"delete {len(plan.documents):,} document(s), {plan.chunks:,} chunks?")
     report = run_delete(db, plan=plan, wait=wait)  # with nothing to delete, it still cleans leftovers
     if out.json:
         out.record(report.to_dict())
@@ -143,18 +143,6 @@ def _delete_table(out: Output, db: Path, plan) -> None:
                     f"{plan.tokens:,} tokens")
     shown = [d["doc_id"] for d in plan.documents[:10]]
     out.say("documents: " + ", ".join(shown) + (f" ... (+{len(plan.documents) - 10:,})" if len(plan.documents) > 10 else ""))
-
-
-def _confirm(out: Output, yes: bool, question: str) -> None:
-    from retrodb.errors import RetrodbError
-
-    if yes:
-        return
-    if not sys.stdin.isatty():
-        raise RetrodbError("refusing to change the database without confirmation: not on a terminal",
-                           hint="pass --yes to confirm, or --dry-run to only see the plan")
-    if not typer.confirm(question, default=False, err=True):
-        raise typer.Abort()
 
 
 def compact(
@@ -243,7 +231,7 @@ def vacuum(
         if report.plan.files or report.plan.manifests:
             if not out.json:
                 _show_vacuum(out, report, db)
-            _confirm(out, yes, f"delete {len(report.plan.removed_versions)} snapshot(s) and free "
+            confirm(yes, f"delete {len(report.plan.removed_versions)} snapshot(s) and free "
                                f"{report.plan.bytes:,} bytes?")
         report = run_vacuum(db, retain, older, grace_s, wait=wait)  # with nothing to delete, it still cleans
     if out.json:

@@ -22,6 +22,7 @@ from . import embed as embed_commands
 from . import index as index_commands
 from . import ingest as ingest_commands
 from . import query as query_commands
+from . import redact as redact_commands
 from . import verify as verify_commands
 
 HELP = """Build, edit and query the retrieval database of a RETRO model.
@@ -53,6 +54,7 @@ ingest_commands.register(app)
 embed_commands.register(app)
 index_commands.register(app)
 query_commands.register(app)
+redact_commands.register(app)
 edit_commands.register(app)
 verify_commands.register(app)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, List, Optional
 
 import typer
 
@@ -14,6 +15,10 @@ def verify(
     db: DbArg,
     quick: Annotated[bool, typer.Option("--quick", help="Compare file sizes only, not sha256 checksums (reads no data files in full).")] = False,
     at: AtOpt = None,
+    absent: Annotated[List[str], typer.Option("--absent", help="Prove this text is gone: scan every file under the database (Parquet decoded, .gz/.zst decompressed, the rest as raw bytes) for its UTF-8 bytes and its token ids. Repeatable.")] = [],
+    absent_file: Annotated[Optional[Path], typer.Option("--absent-file", help="One text per line, as --absent.")] = None,
+    absent_key: Annotated[bool, typer.Option("--absent-key", help="With --absent: also fail if any stored vector (keys files, HNSW files, deleted slots included) is within cosine 0.999 of the text's own key.")] = False,
+    ignore_case: Annotated[bool, typer.Option("--ignore-case", help="With --absent: match the text in any case.")] = False,
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Check a snapshot end to end; exit 1 with a precise report if anything is wrong.
@@ -31,11 +36,15 @@ def verify(
       retrodb verify my-db
       retrodb verify my-db --quick --format json
       retrodb verify my-db --at 3
+      retrodb verify my-db --absent "jane.doe@example.com" --absent-key
     """
+    from retrodb.redact import absent_check, read_lines
     from retrodb.verify import verify as run_verify
 
     out = Output(fmt.value)
-    report = run_verify(db, at=at, quick=quick)
+    texts = list(absent) + (read_lines(absent_file) if absent_file else [])
+    extra = [("absent", absent_check(texts, ignore_case, absent_key))] if texts else None
+    report = run_verify(db, at=at, quick=quick, extra=extra)
     if out.json:
         out.record(report.to_dict())
     else:

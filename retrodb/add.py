@@ -58,33 +58,15 @@ def add(root: str | Path, sources: list[str], opts: IngestOptions | None = None,
     pieces, plan_issues = plan_pieces(sources, opts.fmt, opts.segment_bytes, ReadOptions(opts.text_field, opts.id_field))
     job = "add-" + hashlib.sha256(f"{job_key(sources, pieces, opts, db.config)}:{replace}".encode()).hexdigest()[:16]
     with db.writer("add", wait=wait, keep_job=job) as w:
-        config = w.base.config
-        embedder = index_builder = None
-        if config.get("embedder"):  # load the model before any work: a missing model fails fast
-            from .embedder import embedder_for
-
-            embedder = embedder_for(config, device=device, batch_size=batch_size)
-        if config.get("index"):
-            index_builder = _index_builder()
+        embedder, index_builder = segment_finishers(w.base.config, device, batch_size)
         staged = stage_sources(w, job, pieces, plan_issues, opts, replace=replace, progress=progress, stdin=stdin)
         report = AddReport(staged.report, w.base.version)
         if not staged.entries:  # nothing new (everything skipped): no commit
             shutil.rmtree(staged.job_dir, ignore_errors=True)
             report.seconds = time.perf_counter() - started
             return report
-        if embedder is not None:
-            from .stages.embed import EmbedStage
-
-            stage = EmbedStage(w.root, embedder, staged.job_dir)  # partial keys resume from the job dir
-            for name, entry in sorted(staged.entries.items()):
-                entry["files"]["keys"] = stage.run((name, entry))["record"]
-                report.embedded_chunks += entry["chunks"]
-            faults.point("add.embedded")
-        if index_builder is not None:
-            for name, entry in sorted(staged.entries.items()):
-                entry["files"]["index"] = index_builder(w.root, name, entry, config["index"])
-                report.indexed_segments += 1
-            faults.point("add.indexed")
+        report.embedded_chunks, report.indexed_segments = finish_segments(
+            w, staged.job_dir, staged.entries, embedder, index_builder)
         data = w.base.derive("add")
         data["segments"].update(staged.entries)
         data["next_segment"] = staged.next_segment
@@ -98,6 +80,39 @@ def add(root: str | Path, sources: list[str], opts: IngestOptions | None = None,
     report.ingest.version = report.version
     report.seconds = report.ingest.seconds = time.perf_counter() - started
     return report
+
+
+def segment_finishers(config: dict, device: str = "auto", batch_size: int | None = None):
+    """(embedder, index builder) for new segments of a database with this config; None where it has no
+    keys / no index. Loaded before any work, so a missing model fails fast."""
+    embedder = index_builder = None
+    if config.get("embedder"):
+        from .embedder import embedder_for
+
+        embedder = embedder_for(config, device=device, batch_size=batch_size)
+    if config.get("index"):
+        index_builder = _index_builder()
+    return embedder, index_builder
+
+
+def finish_segments(w, job_dir: Path, entries: dict[str, dict], embedder, index_builder) -> tuple[int, int]:
+    """Embed and index new, uncommitted segments (entries are updated with their files); returns
+    (chunks embedded, segments indexed)."""
+    embedded = indexed = 0
+    if embedder is not None:
+        from .stages.embed import EmbedStage
+
+        stage = EmbedStage(w.root, embedder, job_dir)  # partial keys resume from the job dir
+        for name, entry in sorted(entries.items()):
+            entry["files"]["keys"] = stage.run((name, entry))["record"]
+            embedded += entry["chunks"]
+        faults.point("add.embedded")
+    if embedder is not None and index_builder is not None:
+        for name, entry in sorted(entries.items()):
+            entry["files"]["index"] = index_builder(w.root, name, entry, w.base.config["index"])
+            indexed += 1
+        faults.point("add.indexed")
+    return embedded, indexed
 
 
 def _index_builder():

@@ -53,6 +53,7 @@ class Piece:
     first_line: int = 1  # jsonl: line number at `start`; parquet: row number of the first row
     size: int = 0  # bytes, for packing
     lines: list[bytes] | None = None  # stdin payload
+    documents: list | None = None  # fmt "documents": Documents made in memory (redact --mode mask)
 
 
 @dataclass
@@ -206,7 +207,9 @@ def stdin_units(stream, target: int, next_segment) -> Iterator[WorkUnit]:
 
 def read_unit(unit: WorkUnit, opts: ReadOptions) -> Iterator[Document | Issue]:
     for piece in unit.pieces:
-        if piece.fmt == "text":
+        if piece.fmt == "documents":
+            yield from piece.documents
+        elif piece.fmt == "text":
             yield from _read_text(piece)
         elif piece.fmt == "parquet":
             yield from _read_parquet(piece, opts)

@@ -358,7 +358,17 @@ def _alive(pid) -> bool:
     return True
 
 
+def check_pending(v: Verification) -> None:
+    """A redaction that did not finish is an error: the text may still be on disk."""
+    pending = (v.snapshot.data.get("pending") or {}).get("redaction")
+    if pending:
+        v.error(f"redaction incomplete (started by v{pending['audit']['version_before'] + 1}, segments "
+                f"{', '.join(pending['segments'])}): removed text may still be on disk; rerun `retrodb redact "
+                f"{v.root}` (any selector) to finish it")
+
+
 CHECKS: list[tuple[str, Check]] = [
+    ("pending", check_pending),
     ("files", check_files),
     ("rows", check_rows),
     ("chunk_ids", check_chunk_ids),
