@@ -108,7 +108,8 @@ class CompactStage(Stage):
                     if sum_column:
                         total += int(pc.sum(kept[sum_column]).as_py() or 0)
                     parts.append(keep.to_numpy(zero_copy_only=False))
-                    self.report(**({"chunks": kept.num_rows} if kind == "chunks" else {}))
+                    if kind == "chunks":
+                        self.report(chunks=kept.num_rows)
                 masks.append(np.concatenate(parts) if parts else np.zeros(0, dtype=bool))
             writer.close()
         except BaseException:
