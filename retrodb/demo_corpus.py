@@ -1,13 +1,30 @@
 """The embedded default corpus: Python's own documentation topics (`pydoc_data.topics`).
 
-About 465 KB of real English text that exists wherever Python does. Writes one
-.txt file per topic into a folder: `python -m retrodb.demo_corpus DIR`.
+About 465 KB of real English text that exists wherever Python does.
+
+    python -m retrodb.demo_corpus DIR            # one .txt file per topic
+    python -m retrodb.demo_corpus --extra FILE   # the JSONL the demo adds, then deletes and redacts
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+
+# Documents the demo adds to show that an edit changes what the model retrieves. The
+# email address is fake; the demo redacts it.
+EXTRA = [
+    {"id": "retro-paper",
+     "text": "RETRO, the Retrieval-Enhanced Transformer from DeepMind, conditions a language model on chunks "
+             "retrieved from a database of two trillion tokens. The input is split into chunks of 64 tokens; "
+             "for each chunk the model retrieves its nearest neighbours by frozen BERT embeddings, and reads "
+             "them through an encoder and chunked cross-attention. Questions about the paper go to "
+             "retro.author@example.org."},
+    {"id": "retro-database",
+     "text": "Because the knowledge of a retrieval-enhanced model lives in its database, documents can be added "
+             "or removed, private text redacted, and the model's behaviour changes without retraining it."},
+]
 
 
 def topics() -> dict[str, str]:
@@ -24,5 +41,15 @@ def write_demo_corpus(directory: str | Path) -> Path:
     return directory
 
 
+def write_extra(path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text("".join(json.dumps(d) + "\n" for d in EXTRA), encoding="utf-8")
+    return path
+
+
 if __name__ == "__main__":
-    write_demo_corpus(sys.argv[1] if len(sys.argv) > 1 else "demo-corpus")
+    args = sys.argv[1:]
+    if args[:1] == ["--extra"]:
+        write_extra(args[1] if len(args) > 1 else "demo-extra.jsonl")
+    else:
+        write_demo_corpus(args[0] if args else "demo-corpus")
