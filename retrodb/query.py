@@ -522,35 +522,41 @@ class Searcher:
 
     def _read_chunks(self, where: dict[int, str]) -> dict[int, dict]:
         """Rows of the given chunks (by segment) with their text, continuation text and tokens."""
-        segs = self.segments()
-        out: dict[int, dict] = {}
         by_seg: dict[str, list[int]] = {}
         for cid, name in where.items():
             by_seg.setdefault(name, []).append(cid)
-        for name, ids in by_seg.items():
-            seg = segs[name]
-            rows = seg.chunk_rows(ids + [c + 1 for c in ids])  # continuations are (almost always) the next id
-            missing = [r["continuation_id"] for c in ids if (r := rows.get(c)) and r["continuation_id"] is not None
-                       and r["continuation_id"] not in rows]
-            rows.update(seg.chunk_rows(missing))
-            firsts = {c: c - rows[c]["position"] for c in ids if c in rows}
-            docs = seg.doc_texts(firsts.values())
-            for c in ids:
-                r = rows.get(c)
-                doc = docs.get(firsts.get(c)) if r else None
-                if r is None or doc is None or doc[0] != r["doc_id"]:
-                    from .errors import CorruptDatabase
+        segs = self.segments()
+        jobs = [(segs[name], ids) for name, ids in by_seg.items()]
+        if len(jobs) > 1 and self.threads > 1:  # Parquet decoding releases the GIL
+            parts = list(self._executor().map(lambda job: self._read_segment_chunks(*job), jobs))
+        else:
+            parts = [self._read_segment_chunks(*job) for job in jobs]
+        return {cid: row for part in parts for cid, row in part.items()}
 
-                    raise CorruptDatabase(f"chunk {c} of {name} is in the index but not in its tables",
-                                          hint=f"run: retrodb verify {self.root}")
-                text = doc[1]
-                cont = rows.get(r["continuation_id"]) if r["continuation_id"] is not None else None
-                out[c] = {
-                    "doc_id": r["doc_id"], "position": r["position"], "text": text[r["char_start"]: r["char_end"]],
-                    "tokens": r["tokens"],
-                    "continuation": text[cont["char_start"]: cont["char_end"]] if cont else None,
-                    "continuation_tokens": cont["tokens"] if cont else [],
-                }
+    def _read_segment_chunks(self, seg: _Segment, ids: list[int]) -> dict[int, dict]:
+        rows = seg.chunk_rows(ids + [c + 1 for c in ids])  # continuations are (almost always) the next id
+        missing = [r["continuation_id"] for c in ids if (r := rows.get(c)) and r["continuation_id"] is not None
+                   and r["continuation_id"] not in rows]
+        rows.update(seg.chunk_rows(missing))
+        firsts = {c: c - rows[c]["position"] for c in ids if c in rows}
+        docs = seg.doc_texts(firsts.values())
+        out = {}
+        for c in ids:
+            r = rows.get(c)
+            doc = docs.get(firsts.get(c)) if r else None
+            if r is None or doc is None or doc[0] != r["doc_id"]:
+                from .errors import CorruptDatabase
+
+                raise CorruptDatabase(f"chunk {c} of {seg.name} is in the index but not in its tables",
+                                      hint=f"run: retrodb verify {self.root}")
+            text = doc[1]
+            cont = rows.get(r["continuation_id"]) if r["continuation_id"] is not None else None
+            out[c] = {
+                "doc_id": r["doc_id"], "position": r["position"], "text": text[r["char_start"]: r["char_end"]],
+                "tokens": r["tokens"],
+                "continuation": text[cont["char_start"]: cont["char_end"]] if cont else None,
+                "continuation_tokens": cont["tokens"] if cont else [],
+            }
         return out
 
 

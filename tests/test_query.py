@@ -236,6 +236,10 @@ def test_no_keys_yet(cli, tmp_path):
     assert r.code == 1 and "no keys yet" in r.err and "retrodb embed" in r.err
     with pytest.raises(MissingStage):
         retrodb.open(path).query("anything")
+    empty = tmp_path / "empty"
+    assert cli("init", empty).code == 0
+    r = cli("query", empty, "anything")
+    assert r.code == 1 and "has no documents" in r.err and "retrodb ingest" in r.err
 
 
 def test_no_index_falls_back_to_exact_with_a_warning(tmp_path, cli):
