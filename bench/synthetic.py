@@ -37,7 +37,7 @@ from retrodb.tokenizer import ChunkedBatch  # noqa: E402
 CHUNK_TOKENS = 64
 WORDS_PER_CHUNK = 12  # chunk text length (~80 characters); tokens are random ids, not this text's
 DOCS_PER_BATCH = 256  # one Parquet row group per batch, ~4k chunks: about what ingest writes
-NOISE = 0.6  # norm of a key's offset from its centre, before normalising (1.0 = the centre's norm)
+NOISE = 1.0  # norm of a key's offset from its centre, before normalising (1.0 = the centre's norm)
 
 
 def centres(dim: int, clusters: int, seed: int) -> np.ndarray:
