@@ -28,6 +28,7 @@ from .errors import MissingStage, RetrodbError, require
 from .snapshot import Snapshot
 from .stages.index import DEFAULT_PARAMS, open_keys, params_of, read_chunk_ids
 
+FEW_QUERIES = 8  # query texts embedded on one CPU thread (see Searcher._embed)
 EXACT_BLOCK = 1 << 23  # key-by-query scores computed per block in exact search (floats)
 CHUNK_COLUMNS = ["chunk_id", "doc_id", "position", "char_start", "char_end", "tokens", "continuation_id"]
 
@@ -413,8 +414,21 @@ class Searcher:
         if key not in self.cache:
             from .embedder import embedder_for
 
-            self.cache[key] = embedder_for(self.config, device=self.device)
-        return np.asarray(self.cache[key].embed(texts), dtype=np.float32)
+            device, dtype = _query_device(self.device, self.config["embedder"])
+            self.cache[key] = embedder_for(self.config, device=device, dtype=dtype)
+        embedder = self.cache[key]
+        if getattr(embedder, "device", "cpu") != "cpu" or not hasattr(embedder, "torch") \
+                or len(texts) > FEW_QUERIES:
+            return np.asarray(embedder.embed(texts), dtype=np.float32)
+        # A few short texts: one CPU thread. Several threads gain nothing on a batch this small, and where
+        # the cores are busy their barriers can cost 50x (6 ms -> 480 ms measured on a loaded 2-vCPU VM).
+        torch = embedder.torch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return np.asarray(embedder.embed(texts), dtype=np.float32)
+        finally:
+            torch.set_num_threads(threads)
 
     def _doc_exclusions(self, doc_ids: list[str], warn) -> list[_Exclusion]:
         out = []
@@ -558,6 +572,22 @@ class Searcher:
                 "continuation_tokens": cont["tokens"] if cont else [],
             }
         return out
+
+
+def _query_device(device: str, identity: dict) -> tuple[str, str]:
+    """Device and dtype for embedding a few queries: fp32 on the CPU, without the embedder's timing of
+    bf16 against fp32 (seconds per process, worth it for a corpus, not for a query)."""
+    if identity.get("kind") == "hash":
+        return "cpu", "fp32"
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda", "auto"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps", "auto"
+        device = "cpu"
+    return device, "fp32" if device == "cpu" else "auto"
 
 
 def _neighbour(rank: int, chunk_id: int, score: float, row: dict) -> Neighbour:
