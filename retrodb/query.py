@@ -28,6 +28,7 @@ from .errors import MissingStage, RetrodbError, require
 from .snapshot import Snapshot
 from .stages.index import DEFAULT_PARAMS, open_keys, params_of, read_chunk_ids
 
+FEW_QUERIES = 8  # query texts embedded on one CPU thread (see Searcher._embed)
 EXACT_BLOCK = 1 << 23  # key-by-query scores computed per block in exact search (floats)
 CHUNK_COLUMNS = ["chunk_id", "doc_id", "position", "char_start", "char_end", "tokens", "continuation_id"]
 
@@ -413,8 +414,21 @@ class Searcher:
         if key not in self.cache:
             from .embedder import embedder_for
 
-            self.cache[key] = embedder_for(self.config, device=self.device)
-        return np.asarray(self.cache[key].embed(texts), dtype=np.float32)
+            device, dtype = _query_device(self.device, self.config["embedder"])
+            self.cache[key] = embedder_for(self.config, device=device, dtype=dtype)
+        embedder = self.cache[key]
+        if getattr(embedder, "device", "cpu") != "cpu" or not hasattr(embedder, "torch") \
+                or len(texts) > FEW_QUERIES:
+            return np.asarray(embedder.embed(texts), dtype=np.float32)
+        # A few short texts: one CPU thread. Several threads gain nothing on a batch this small, and where
+        # the cores are busy their barriers can cost 50x (6 ms -> 480 ms measured on a loaded 2-vCPU VM).
+        torch = embedder.torch
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return np.asarray(embedder.embed(texts), dtype=np.float32)
+        finally:
+            torch.set_num_threads(threads)
 
     def _doc_exclusions(self, doc_ids: list[str], warn) -> list[_Exclusion]:
         out = []
@@ -522,36 +536,58 @@ class Searcher:
 
     def _read_chunks(self, where: dict[int, str]) -> dict[int, dict]:
         """Rows of the given chunks (by segment) with their text, continuation text and tokens."""
-        segs = self.segments()
-        out: dict[int, dict] = {}
         by_seg: dict[str, list[int]] = {}
         for cid, name in where.items():
             by_seg.setdefault(name, []).append(cid)
-        for name, ids in by_seg.items():
-            seg = segs[name]
-            rows = seg.chunk_rows(ids + [c + 1 for c in ids])  # continuations are (almost always) the next id
-            missing = [r["continuation_id"] for c in ids if (r := rows.get(c)) and r["continuation_id"] is not None
-                       and r["continuation_id"] not in rows]
-            rows.update(seg.chunk_rows(missing))
-            firsts = {c: c - rows[c]["position"] for c in ids if c in rows}
-            docs = seg.doc_texts(firsts.values())
-            for c in ids:
-                r = rows.get(c)
-                doc = docs.get(firsts.get(c)) if r else None
-                if r is None or doc is None or doc[0] != r["doc_id"]:
-                    from .errors import CorruptDatabase
+        segs = self.segments()
+        jobs = [(segs[name], ids) for name, ids in by_seg.items()]
+        if len(jobs) > 1 and self.threads > 1:  # Parquet decoding releases the GIL
+            parts = list(self._executor().map(lambda job: self._read_segment_chunks(*job), jobs))
+        else:
+            parts = [self._read_segment_chunks(*job) for job in jobs]
+        return {cid: row for part in parts for cid, row in part.items()}
 
-                    raise CorruptDatabase(f"chunk {c} of {name} is in the index but not in its tables",
-                                          hint=f"run: retrodb verify {self.root}")
-                text = doc[1]
-                cont = rows.get(r["continuation_id"]) if r["continuation_id"] is not None else None
-                out[c] = {
-                    "doc_id": r["doc_id"], "position": r["position"], "text": text[r["char_start"]: r["char_end"]],
-                    "tokens": r["tokens"],
-                    "continuation": text[cont["char_start"]: cont["char_end"]] if cont else None,
-                    "continuation_tokens": cont["tokens"] if cont else [],
-                }
+    def _read_segment_chunks(self, seg: _Segment, ids: list[int]) -> dict[int, dict]:
+        rows = seg.chunk_rows(ids + [c + 1 for c in ids])  # continuations are (almost always) the next id
+        missing = [r["continuation_id"] for c in ids if (r := rows.get(c)) and r["continuation_id"] is not None
+                   and r["continuation_id"] not in rows]
+        rows.update(seg.chunk_rows(missing))
+        firsts = {c: c - rows[c]["position"] for c in ids if c in rows}
+        docs = seg.doc_texts(firsts.values())
+        out = {}
+        for c in ids:
+            r = rows.get(c)
+            doc = docs.get(firsts.get(c)) if r else None
+            if r is None or doc is None or doc[0] != r["doc_id"]:
+                from .errors import CorruptDatabase
+
+                raise CorruptDatabase(f"chunk {c} of {seg.name} is in the index but not in its tables",
+                                      hint=f"run: retrodb verify {self.root}")
+            text = doc[1]
+            cont = rows.get(r["continuation_id"]) if r["continuation_id"] is not None else None
+            out[c] = {
+                "doc_id": r["doc_id"], "position": r["position"], "text": text[r["char_start"]: r["char_end"]],
+                "tokens": r["tokens"],
+                "continuation": text[cont["char_start"]: cont["char_end"]] if cont else None,
+                "continuation_tokens": cont["tokens"] if cont else [],
+            }
         return out
+
+
+def _query_device(device: str, identity: dict) -> tuple[str, str]:
+    """Device and dtype for embedding a few queries: fp32 on the CPU, without the embedder's timing of
+    bf16 against fp32 (seconds per process, worth it for a corpus, not for a query)."""
+    if identity.get("kind") == "hash":
+        return "cpu", "fp32"
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda", "auto"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps", "auto"
+        device = "cpu"
+    return device, "fp32" if device == "cpu" else "auto"
 
 
 def _neighbour(rank: int, chunk_id: int, score: float, row: dict) -> Neighbour:

@@ -236,6 +236,10 @@ def test_no_keys_yet(cli, tmp_path):
     assert r.code == 1 and "no keys yet" in r.err and "retrodb embed" in r.err
     with pytest.raises(MissingStage):
         retrodb.open(path).query("anything")
+    empty = tmp_path / "empty"
+    assert cli("init", empty).code == 0
+    r = cli("query", empty, "anything")
+    assert r.code == 1 and "has no documents" in r.err and "retrodb ingest" in r.err
 
 
 def test_no_index_falls_back_to_exact_with_a_warning(tmp_path, cli):
@@ -287,3 +291,24 @@ def test_exclusion_over_fetches_within_a_segment(tmp_path):
     for exact in (False, True):
         [r] = handle.query(chunk_ids=[cid], k=6, exact=exact, ef=200)
         assert ids_of([r]) == want
+
+
+@pytest.mark.slow
+def test_real_minilm_end_to_end(tmp_path):
+    """ingest -> embed (bundled MiniLM) -> index -> query finds the topic that answers the question."""
+    from retrodb.embed import embed
+    from retrodb.ingest import IngestOptions, ingest
+
+    names = ["lambda", "pass", "while", "shifting", "imaginary", "del", "yield", "continue"]
+    path = tmp_path / "db"
+    ingest(path, [str(topic_corpus(tmp_path / "c", names))], IngestOptions(workers=1, segment_bytes=2000))
+    embed(path, device="cpu", dtype="fp32")
+    index(path)
+    handle = retrodb.open(path)
+    assert len(handle.snapshot.segments) >= 2
+    got = handle.query(["small anonymous functions created with lambda expressions",
+                        "shift an integer left or right by a number of bits"], k=3)
+    assert [r.neighbours[0].doc_id for r in got] == ["lambda.txt", "shifting.txt"]
+    assert ids_of(got) == ids_of(handle.query(["small anonymous functions created with lambda expressions",
+                                               "shift an integer left or right by a number of bits"], k=3,
+                                              exact=True))
