@@ -102,13 +102,13 @@ def run(directory: Path, device: str, rounds: int, sweep: list[int], dtype_texts
         e2e = bench.end_to_end(db, scratch, model_dir, device)
         results["models"][title] = {"measure": m, "dtypes": dt, "end_to_end": e2e}
         print(bench.report_tables(title, m, dt, e2e), flush=True)
+        if out is not None:  # after each model, so a later failure keeps this one
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "gpu_embed.json").write_text(json.dumps(results, indent=1, default=str))
         if device == "cuda":
             import torch
 
             torch.cuda.empty_cache()
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_embed.json").write_text(json.dumps(results, indent=1, default=str))
     shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare", help="write the model and database to carry to the device")
     p.add_argument("directory", type=Path)
-    p.add_argument("--copies", type=int, default=25, help="pydoc corpus copies (2,041 chunks each)")
-    p.add_argument("--segments", type=int, default=4)
+    p.add_argument("--copies", type=int, default=30, help="pydoc corpus copies (2,041 chunks each)")
+    p.add_argument("--segments", type=int, default=3)
     r = sub.add_parser("run", help="measure (on the device)")
     r.add_argument("directory", type=Path)
     r.add_argument("--device", default="cuda")
