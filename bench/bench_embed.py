@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     del emb
     e2e = end_to_end(db_path, scratch, args.model, args.device)
     print(f"Machine: {machine()}\n")
-    print(report_tables(f"{Path(model).name}", m, dt, e2e))
+    print(report_tables(args.model.name if args.model else "all-MiniLM-L6-v2 (bundled)", m, dt, e2e))
     if args.workdir is None:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
