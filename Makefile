@@ -26,6 +26,7 @@ demo: install
 	rm -rf $(DEMO_DB)
 	$(BIN)/python -m retrodb.demo_corpus $(DEMO_DB)-corpus
 	$(BIN)/retrodb ingest $(DEMO_DB) $(DEMO_DB)-corpus
+	$(BIN)/retrodb embed $(DEMO_DB)
 	$(BIN)/retrodb stats $(DEMO_DB)
 
 test: install

@@ -168,10 +168,12 @@ def measure(emb: BertEmbedder, db_path: Path, work: Path, rounds: int, sweep: li
             "bare_by_batch": bare_by_batch, "stage_by_batch": stage_by_batch}
 
 
-def compare_dtypes(model_dir: Path, device: str, texts: list[str], batch_size: int, rounds: int, log=print) -> dict:
+def compare_dtypes(model_dir: Path, device: str, texts: list[str], batch_size: int | None, rounds: int,
+                   log=print) -> dict:
     """fp32 against bf16: bare forward speed, and the cosine of the keys (full embedder path)."""
     embs = {name: BertEmbedder(model_dir, device=device, dtype=name, batch_size=batch_size).load()
             for name in ("fp32", "bf16")}
+    batch_size = embs["bf16"].batch_size
     speeds = {name: [] for name in embs}
     inputs = {name: bare_inputs(e, texts, batch_size) for name, e in embs.items()}
     for name, e in embs.items():
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     del emb
     e2e = end_to_end(db_path, scratch, args.model, args.device)
     print(f"Machine: {machine()}\n")
-    print(report_tables(f"{Path(model).name}", m, dt, e2e))
+    print(report_tables(args.model.name if args.model else "all-MiniLM-L6-v2 (bundled)", m, dt, e2e))
     if args.workdir is None:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

@@ -30,7 +30,7 @@ from .database import open as open_database
 from .embedder import DEFAULT_MAX_LENGTH, check_identity, embedder_for, load_embedder, same_identity
 from .errors import MissingStage, RetrodbError
 from .executor import LocalExecutor
-from .stages.embed import EmbedStage
+from .stages.embed import EmbedStage, keys_file_name
 
 COMMIT_EVERY_S = 60.0  # commit finished segments at least this often...
 COMMIT_EVERY_SEGMENTS = 64  # ...or once this many are finished
@@ -148,6 +148,8 @@ def _run(w: Writer, job: str, embedder, ident: dict, todo: list, new_identity: b
         if progress is not None:
             progress({**counts, "advance": counts.get("chunks", 0) + counts.get("resumed", 0)})
 
+    if any(not (w.root / "segments" / name / keys_file_name(ident)).exists() for name, _ in todo):
+        embedder.load()  # before the bar starts, so that chunks/s and ETA count embedding only
     if progress is not None:
         progress({"total": sum(s["chunks"] for _, s in todo)})
     stage = EmbedStage(w.root, embedder, work)

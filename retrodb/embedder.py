@@ -185,7 +185,8 @@ class BertEmbedder:
     def __getstate__(self) -> dict:  # picklable for executors: the model is loaded again where it runs
         state = dict(self.__dict__)
         state.update(model=None, tokenizer=None, device=None, dtype=None, batch_size=self.requested_batch)
-        state.pop("torch", None)
+        for name in ("torch", "_encode", "_pad_id"):
+            state.pop(name, None)
         return state
 
     @property

@@ -241,3 +241,10 @@ def test_hash_embedder_is_deterministic_and_unit():
     assert np.allclose(np.linalg.norm(a, axis=1), 1.0)
     assert np.array_equal(a, load_embedder(HASH).embed(["the frozen encoder", "", "retrieval database"]))
     assert np.array_equal(a[2:], emb.embed(["retrieval database"]))
+
+
+def test_progress_shows_rate_and_eta(cli, tmp_path, db_path):
+    small_segments(db_path, write_corpus(tmp_path / "a", range(6)))
+    res = cli("embed", db_path, "--model", HASH)
+    assert res.code == 0, res.err
+    assert "chunks/s" in res.err and "ETA" in res.err and "committed v2" in res.out
