@@ -22,12 +22,29 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The whole lifecycle on the embedded corpus (Python's documentation topics): build, query,
+# add and delete documents (the neighbours change, no retraining), redact, prove the absence.
+Q := "how does a retrieval-enhanced model use its database"
 demo: install
-	rm -rf $(DEMO_DB)
+	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl
 	$(BIN)/python -m retrodb.demo_corpus $(DEMO_DB)-corpus
+	$(BIN)/python -m retrodb.demo_corpus --extra $(DEMO_DB)-extra.jsonl
 	$(BIN)/retrodb ingest $(DEMO_DB) $(DEMO_DB)-corpus
 	$(BIN)/retrodb embed $(DEMO_DB)
+	$(BIN)/retrodb index $(DEMO_DB)
 	$(BIN)/retrodb stats $(DEMO_DB)
+	@echo "== before the add: what the model would retrieve"
+	$(BIN)/retrodb query $(DEMO_DB) $(Q) -k 2
+	$(BIN)/retrodb add $(DEMO_DB) $(DEMO_DB)-extra.jsonl
+	@echo "== after the add: the new documents are retrieved"
+	$(BIN)/retrodb query $(DEMO_DB) $(Q) -k 2
+	$(BIN)/retrodb delete $(DEMO_DB) --doc-id retro-database --yes
+	@echo "== after the delete: the deleted document is gone from the neighbours"
+	$(BIN)/retrodb query $(DEMO_DB) $(Q) -k 2
+	$(BIN)/retrodb redact $(DEMO_DB) --pii email --literal "two trillion tokens" --dry-run
+	$(BIN)/retrodb redact $(DEMO_DB) --pii email --literal "two trillion tokens" --mode mask --yes
+	$(BIN)/retrodb verify $(DEMO_DB) --absent "retro.author@example.org" --absent "two trillion tokens" --absent-key
+	$(BIN)/retrodb log $(DEMO_DB)
 
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu and not ray" tests
@@ -36,4 +53,4 @@ bench: install
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus .pytest_cache
+	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl .pytest_cache
