@@ -190,8 +190,6 @@ def compact(
         out.say(f"committed v{report.version}: rewrote {report.chunks_rewritten:,} chunks, dropped "
                 f"{report.chunks_dropped:,}; {report.segments_before} -> {report.segments_after} segments, "
                 f"{report.bytes_written:,} bytes written, {report.seconds:.1f}s")
-    for note in report.notes:
-        out.warn(note)
 
 
 def _segment_list(names: list[str]) -> str:

@@ -91,7 +91,7 @@ def segment_finishers(config: dict, device: str = "auto", batch_size: int | None
 
         embedder = embedder_for(config, device=device, batch_size=batch_size)
     if config.get("index"):
-        index_builder = _index_builder()
+        from .index import build_segment_index as index_builder
     return embedder, index_builder
 
 
@@ -113,12 +113,3 @@ def finish_segments(w, job_dir: Path, entries: dict[str, dict], embedder, index_
             indexed += 1
         faults.point("add.indexed")
     return embedded, indexed
-
-
-def _index_builder():
-    try:
-        from .index import build_segment_index
-    except ImportError:
-        raise RetrodbError("this database has HNSW indexes but this retrodb has no index module to extend them",
-                           hint="install a retrodb with `retrodb index`") from None
-    return build_segment_index

@@ -22,7 +22,7 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import faults
@@ -61,7 +61,6 @@ class CompactReport:
     chunks_dropped: int = 0
     bytes_written: int = 0
     resumed_groups: int = 0
-    notes: list[str] = field(default_factory=list)
     dry_run: bool = False
     seconds: float = 0.0
 
@@ -167,8 +166,6 @@ def compact(root: str | Path, min_deleted_ratio: float = DEFAULT_MIN_DELETED_RAT
             data["next_segment"] = max(data["next_segment"], r["segment"] + 1)
             report.bytes_written += sum(f["bytes"] for f in r["entry"]["files"].values())
             report.resumed_groups += int(r.get("resumed", False))
-            if r.get("index_note") and r["index_note"] not in report.notes:
-                report.notes.append(r["index_note"])
         faults.point("compact.before_commit")
         report.version = w.commit(data).version
         report.segments_after = len(data["segments"])

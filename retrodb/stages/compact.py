@@ -61,16 +61,12 @@ class CompactStage(Stage):
             faults.point("compact.keys_written")
         entry = {"documents": n_docs, "chunks": n_chunks, "tokens": n_tokens, "files": files,
                  "compacted_from": [n for n, _ in sources]}
-        index_note = None
         if "keys" in files and self.index_params and all("index" in seg["files"] for _, seg in sources):
-            try:
-                from ..index import build_segment_index
-            except ImportError:  # no index module in this build: the new segment goes without an index
-                index_note = "index not rebuilt: retrodb.index is not available; run `retrodb index` to build it"
-            else:
-                files["index"] = build_segment_index(self.root, name, entry, self.index_params)
-                faults.point("compact.index_written")
-        result = {"segment": unit["segment"], "entry": entry, "index_note": index_note,
+            from ..index import build_segment_index
+
+            files["index"] = build_segment_index(self.root, name, entry, self.index_params)
+            faults.point("compact.index_written")
+        result = {"segment": unit["segment"], "entry": entry,
                   "dropped_chunks": sum(seg["chunks"] for _, seg in sources) - n_chunks}
         atomic_write_bytes(marker, json.dumps(result).encode())
         faults.point("compact.segment_done")
