@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HNSWLIB_NO_NATIVE := 1
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-ray bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -48,6 +48,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu and not ray" tests
+
+# The Ray executor's tests (the ray extra is optional and large; CI does not install it).
+test-ray: install
+	$(BIN)/pip install -q -e '.[ray]'
+	$(BIN)/python -m pytest -q -m ray tests
 
 bench: install
 	$(BIN)/python bench/run.py

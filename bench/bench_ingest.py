@@ -86,14 +86,14 @@ def ingest_seconds(path: Path, workers: int, tmp: Path) -> tuple[float, int]:
     return time.perf_counter() - start, report.tokens
 
 
-def peak_rss_mb(path: Path, tmp: Path, workers: int) -> float:
+def peak_rss_mb(path: Path, tmp: Path, workers: int, segment_mb: float) -> float:
     import psutil
 
     db = tmp / "db-rss"
     shutil.rmtree(db, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "cli", "ingest", str(db), str(path), "--workers", str(workers),
-                             "--format", "json"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--segment-mb", str(segment_mb), "--format", "json"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     parent = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -112,39 +112,48 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mb", type=float, default=10, help="input size for the throughput runs (1x for RSS)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rss-only", action="store_true", help="skip the throughput runs")
     ap.add_argument("--rss-workers", type=int, default=2)
+    ap.add_argument("--segment-mb", type=float, default=4,
+                    help="segment size for the RSS runs: memory is bounded by the segment, so both inputs span several")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="retrodb-bench-ingest-"))
     try:
         small = tmp / "small.jsonl"
         docs, size = make_corpus(small, args.mb)
         bare, ing1, ing2 = [], [], []
-        for _ in range(args.repeats):
+        for _ in range(0 if args.rss_only else args.repeats):
             bare.append(bare_tokenizer_seconds(small))
             ing1.append(ingest_seconds(small, 1, tmp))
             ing2.append(ingest_seconds(small, 2, tmp))
-        tokens = bare[0][1]
-        assert all(t == tokens for _, t in ing1 + ing2), "ingest and bare tokenizer disagree on the token count"
-        med = lambda runs: statistics.median(s for s, _ in runs)  # noqa: E731
-        rate = lambda runs: tokens / med(runs)  # noqa: E731
-        print(f"\nInput: {docs:,} documents, {size / (1 << 20):.1f} MiB JSONL, {tokens:,} tokens; "
-              f"median of {args.repeats} runs\n")
-        print("| what | seconds | tokens/s | ratio to bare tokenizer |")
-        print("|---|---|---|---|")
-        print(f"| bare `encode_batch` (1 thread) | {med(bare):.2f} | {rate(bare):,.0f} | 1.00 |")
-        print(f"| retrodb ingest, 1 worker | {med(ing1):.2f} | {rate(ing1):,.0f} | {med(bare) / med(ing1):.2f} |")
-        print(f"| retrodb ingest, 2 workers | {med(ing2):.2f} | {rate(ing2):,.0f} | {med(bare) / med(ing2):.2f} |")
+        if not args.rss_only:
+            print_throughput(bare, ing1, ing2, docs, size, args.repeats)
         large = tmp / "large.jsonl"
         make_corpus(large, args.mb * 10)
-        r1 = peak_rss_mb(small, tmp, args.rss_workers)
-        r10 = peak_rss_mb(large, tmp, args.rss_workers)
-        print(f"\nPeak RSS of the whole process tree (`retrodb ingest --workers {args.rss_workers}`):\n")
+        r1 = peak_rss_mb(small, tmp, args.rss_workers, args.segment_mb)
+        r10 = peak_rss_mb(large, tmp, args.rss_workers, args.segment_mb)
+        print(f"\nPeak RSS of the whole process tree (`retrodb ingest --workers {args.rss_workers} "
+              f"--segment-mb {args.segment_mb:g}`):\n")
         print("| input | peak RSS MiB | ratio to 1x |")
         print("|---|---|---|")
         print(f"| 1x ({args.mb:g} MiB) | {r1:.0f} | 1.00 |")
         print(f"| 10x ({args.mb * 10:g} MiB) | {r10:.0f} | {r10 / r1:.2f} |")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_throughput(bare, ing1, ing2, docs: int, size: int, repeats: int) -> None:
+    tokens = bare[0][1]
+    assert all(t == tokens for _, t in ing1 + ing2), "ingest and bare tokenizer disagree on the token count"
+    med = lambda runs: statistics.median(s for s, _ in runs)  # noqa: E731
+    rate = lambda runs: tokens / med(runs)  # noqa: E731
+    print(f"\nInput: {docs:,} documents, {size / (1 << 20):.1f} MiB JSONL, {tokens:,} tokens; "
+          f"median of {repeats} runs\n")
+    print("| what | seconds | tokens/s | ratio to bare tokenizer |")
+    print("|---|---|---|---|")
+    print(f"| bare `encode_batch` (1 thread) | {med(bare):.2f} | {rate(bare):,.0f} | 1.00 |")
+    print(f"| retrodb ingest, 1 worker | {med(ing1):.2f} | {rate(ing1):,.0f} | {med(bare) / med(ing1):.2f} |")
+    print(f"| retrodb ingest, 2 workers | {med(ing2):.2f} | {rate(ing2):,.0f} | {med(bare) / med(ing2):.2f} |")
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def _deduplicate(w: Writer, job_dir: Path, entries: dict[str, dict], opts: Inges
     try:
         files = [w.root / e["files"]["documents"]["path"] for e in entries.values()]
         con.execute(
-            "CREATE TEMP TABLE new_docs AS SELECT doc_id, source, "
+            "CREATE VIEW new_docs AS SELECT doc_id, source, "
             "regexp_extract(filename, '(seg-[0-9]+)/[^/]+$', 1) AS segment, file_row_number AS rn "
             f"FROM read_parquet({_files(files)}, filename=true, file_row_number=true)"
         )
