@@ -181,3 +181,21 @@ def test_kill9_mid_redaction_then_rerun_finishes(tmp_path, kill_at):
     docs = {r["doc_id"] for r in retrodb.open(root).sql("SELECT doc_id FROM documents").to_pylist()}
     assert docs == {f"d{i}" for i in range(24)} - {"d15", "d19"}
     assert len((root / "audit.jsonl").read_text().splitlines()) == 1
+
+
+def test_file_selectors_ignore_case_and_absent_file(tmp_path, cli):
+    root = build(tmp_path / "db", index=False)
+    literals = tmp_path / "literals.txt"
+    literals.write_text(PHRASE.upper() + "\n\n")
+    ids = tmp_path / "ids.txt"
+    ids.write_text("d7\n")
+    assert redact(root, build_selectors(from_file=literals)).plan["documents"] == 0  # case-sensitive by default
+    report = redact(root, build_selectors(from_file=literals, ids_file=ids), ignore_case=True)
+    assert report.plan["documents"] == 3  # d15, d19 by the phrase in any case, d7 by id
+    docs = {r["doc_id"] for r in retrodb.open(root).sql("SELECT doc_id FROM documents").to_pylist()}
+    assert not docs & {"d7", "d15", "d19"} and len(docs) == 21
+    absent = tmp_path / "absent.txt"
+    absent.write_text(f"{PHRASE}\n{PHONE}\n")
+    ok = cli("verify", root, "--absent-file", absent, "--format", "json")
+    assert ok.code == 0 and ok.json_lines()[0]["ok"], ok.out
+    assert cli("verify", root, "--absent", EMAIL).code == 1  # d3 was not selected: still there
