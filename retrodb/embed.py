@@ -85,6 +85,7 @@ def embed(root: str | Path, model: str | Path | None = None, *, device: str = "a
     """
     started = time.perf_counter()
     db = open_database(root)
+    owned = embedder is None
     if embedder is None:
         embedder = choose_embedder(db.config.get("embedder"), model, device=device, dtype=dtype,
                                    batch_size=batch_size, max_length=max_length)
@@ -102,6 +103,8 @@ def embed(root: str | Path, model: str | Path | None = None, *, device: str = "a
             _run(w, job, embedder, ident, todo, switching or recorded is None, report, progress,
                  commit_every_s, commit_every_segments)
         report.version = w.base.version
+    if owned and hasattr(embedder, "close"):
+        embedder.close()  # its tokenising processes, if it started any
     report.model_loaded = getattr(embedder, "model", None) is not None
     if report.model_loaded or (embedder.kind == "hash" and report.chunks):
         report.device, report.dtype, report.batch_size = embedder.device, embedder.dtype, embedder.batch_size

@@ -43,6 +43,29 @@ CPU_BATCH = 32  # chunks per forward on CPU: best or within noise of best for Mi
 ACCEL_BATCH = 512  # on CUDA/MPS: big enough to fill the device, small enough to keep padding low
 PREFETCH = 3  # tokenised batches waiting for the model
 WINDOW_BATCHES = 16  # texts are sorted by token count within windows of this many batches
+# On an accelerator one tokenising thread cannot keep up with the model (the GIL-bound part is turning
+# token ids into arrays): windows are tokenised by this many processes instead (0: in a thread).
+# RETRODB_TOKENIZE_PROCS overrides it, also on CPU (tests).
+ACCEL_TOKENIZE_PROCS = 8
+
+_worker_tokenizer = None
+
+
+def _init_tokenize_worker(tokenizer_json: str, max_length: int) -> None:
+    global _worker_tokenizer
+    from tokenizers import Tokenizer
+
+    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+    _worker_tokenizer.no_padding()
+    _worker_tokenizer.enable_truncation(max_length)
+
+
+def _tokenize_window(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, flat token ids) of one window of texts, in a tokenising worker process."""
+    encode = getattr(_worker_tokenizer, "encode_batch_fast", _worker_tokenizer.encode_batch)
+    rows = [e.ids for e in encode(texts)]
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    return lengths, np.fromiter(chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
 
 
 def weights_sha256(directory: Path) -> str:
@@ -185,7 +208,7 @@ class BertEmbedder:
     def __getstate__(self) -> dict:  # picklable for executors: the model is loaded again where it runs
         state = dict(self.__dict__)
         state.update(model=None, tokenizer=None, device=None, dtype=None, batch_size=self.requested_batch)
-        for name in ("torch", "_encode", "_pad_id"):
+        for name in ("torch", "_encode", "_pad_id", "_tokenize_pool"):
             state.pop(name, None)
         return state
 
@@ -245,7 +268,8 @@ class BertEmbedder:
         self.tokenizer = tokenizer
         from tokenizers import Tokenizer
 
-        backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: we set its truncation
+        self._backend_json = tokenizer.backend_tokenizer.to_str()
+        backend = Tokenizer.from_str(self._backend_json)  # a copy: we set its truncation
         backend.no_padding()
         backend.enable_truncation(self.max_length)
         self._encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
@@ -316,20 +340,65 @@ class BertEmbedder:
     def tokenize(self, texts: list[str]):
         """input_ids and attention_mask of one batch, padded to its longest text (to a multiple of 8 off CPU)."""
         rows = [e.ids for e in self._encode(texts)]
-        return self._pad(rows, np.fromiter(map(len, rows), dtype=np.int64, count=len(rows)))
+        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        return self._pad_flat(flat, np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths)
 
-    def _pad(self, rows: list[list[int]], lengths: np.ndarray):
+    def _pad_flat(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+        """Padded input_ids and attention_mask of rows given as (start, length) slices of `flat`."""
         torch = self.torch
-        width = int(lengths.max()) if len(rows) else 0
+        width = int(lengths.max()) if len(lengths) else 0
         if self.device != "cpu":
             width = -(-width // 8) * 8
         mask = np.arange(width) < lengths[:, None]
-        ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
-        ids[mask] = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+        ids = np.full((len(lengths), width), self._pad_id, dtype=np.int64)
+        ids[mask] = flat[(starts[:, None] + np.arange(width))[mask]]  # row r, column c: flat[starts[r] + c]
         ids, mask = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
         if self.device == "cuda":
             ids, mask = ids.pin_memory(), mask.pin_memory()
         return ids, mask
+
+    def tokenize_procs(self) -> int:
+        env = os.environ.get("RETRODB_TOKENIZE_PROCS")
+        if env is not None:
+            return max(0, int(env))
+        if self.device == "cpu":
+            return 0
+        return max(0, min(ACCEL_TOKENIZE_PROCS, (os.cpu_count() or 1) - 2))
+
+    def _pool(self):
+        """The tokenising process pool (created at first use, kept for the embedder's life)."""
+        if getattr(self, "_tokenize_pool", None) is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._tokenize_pool = ProcessPoolExecutor(
+                self.tokenize_procs(), mp_context=mp.get_context("spawn"), initializer=_init_tokenize_worker,
+                initargs=(self._backend_json, self.max_length))
+        return self._tokenize_pool
+
+    def close(self) -> None:
+        pool = getattr(self, "_tokenize_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+            self._tokenize_pool = None
+
+    def _windows(self, texts: list[str], order: np.ndarray):
+        """(indices, lengths, flat ids) per window, tokenised in this thread or by the process pool."""
+        window = WINDOW_BATCHES * self.batch_size
+        starts = range(0, len(order), window)
+        if self.tokenize_procs() == 0:
+            for w in starts:
+                idx = order[w: w + window]
+                rows = [e.ids for e in self._encode([texts[j] for j in idx])]
+                lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+                yield idx, lengths, np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+            return
+        pool = self._pool()
+        futures = [(order[w: w + window], pool.submit(_tokenize_window, [texts[j] for j in order[w: w + window]]))
+                   for w in starts]
+        for idx, fut in futures:
+            yield (idx, *fut.result())
 
     def _batches(self, texts: list[str]):
         """(indices, input_ids, attention_mask) batches covering `texts`, each of similar token lengths.
@@ -340,15 +409,12 @@ class BertEmbedder:
         per-token Python lists (which cost more than the tokenising itself).
         """
         order = np.argsort(np.fromiter((-len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
-        window = WINDOW_BATCHES * self.batch_size
-        for w in range(0, len(order), window):
-            idx = order[w: w + window]
-            rows = [e.ids for e in self._encode([texts[j] for j in idx])]
-            lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        for idx, lengths, flat in self._windows(texts, order):
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
             by_length = np.argsort(-lengths, kind="stable")
             for b in range(0, len(idx), self.batch_size):
                 pick = by_length[b: b + self.batch_size]
-                yield (idx[pick], *self._pad([rows[k] for k in pick], lengths[pick]))
+                yield (idx[pick], *self._pad_flat(flat, starts[pick], lengths[pick]))
 
     def embed(self, texts: list[str], on_batch=None, out: np.ndarray | None = None) -> np.ndarray:
         """Keys for `texts`, in order: float32 [len(texts), dim], rows of unit length.

@@ -106,6 +106,22 @@ def test_fp32_equals_reference_for_any_batch_size_and_composition(tiny_bert):
     assert np.allclose(runs[1], runs[64], atol=1e-5)
 
 
+def test_tokenising_processes_give_the_same_keys(tiny_bert, monkeypatch):
+    # the path an accelerator takes (windows tokenised by a process pool), forced on CPU
+    texts = varied_texts() * 3
+    in_thread = BertEmbedder(tiny_bert, device="cpu", dtype="fp32", batch_size=4).embed(texts)
+    monkeypatch.setenv("RETRODB_TOKENIZE_PROCS", "2")
+    emb = BertEmbedder(tiny_bert, device="cpu", dtype="fp32", batch_size=4)
+    try:
+        assert emb.load().tokenize_procs() == 2
+        assert np.array_equal(emb.embed(texts), in_thread)
+        assert np.allclose(emb.embed(texts[:7]), in_thread[:7], atol=1e-6)  # the pool is reused
+        clone = pickle.loads(pickle.dumps(emb))  # the pool does not travel
+        assert getattr(clone, "_tokenize_pool", None) is None
+    finally:
+        emb.close()
+
+
 def test_bf16_close_to_reference(tiny_bert):
     texts = varied_texts()
     got = BertEmbedder(tiny_bert, device="cpu", dtype="bf16", batch_size=16).embed(texts)
