@@ -276,7 +276,7 @@ def audit_entry(root: Path, plan: RedactionPlan, selectors: list[Selector], igno
         "documents": plan.documents,
         "chunks": plan.chunks,
         "segments": plan.segments,
-        "doc_id_hashes": sorted(doc_id_hash(salt, m.doc_id) for m in plan.matches),
+        "doc_id_hashes": sorted({doc_id_hash(salt, m.doc_id) for m in plan.matches}),
         "version_before": version_before,
         "version_after": version_after,
     }
@@ -302,18 +302,17 @@ class RedactReport:
         return dict(self.__dict__)
 
 
-def _physical_scope(root: Path) -> tuple[list[int], dict[str, dict]]:
-    """Every retained manifest, and every segment any of them references (by name -> entry).
+def _physical_scope(root: Path) -> dict[str, dict]:
+    """Every segment any retained snapshot references (by name -> entry).
 
     Redaction looks at physical rows, not the current view: a tombstoned older version of a document,
     or a segment only an old snapshot still references, holds the text just the same.
     """
     from . import snapshot as snap
 
-    versions = snap.retained_versions(root)
     segments: dict[str, dict] = {}
     current = snap.current_version(root)
-    for v in versions:
+    for v in snap.retained_versions(root):
         if v > current:
             continue
         try:
@@ -322,14 +321,14 @@ def _physical_scope(root: Path) -> tuple[list[int], dict[str, dict]]:
             continue
         for name, seg in s.segments.items():
             segments.setdefault(name, seg)
-    return versions, segments
+    return segments
 
 
 def plan_physical(root: Path, snapshot, selectors: list[Selector], mode: str, ignore_case: bool) -> RedactionPlan:
     """Like `plan_redaction`, over every physical row that any retained snapshot can reach."""
     from .snapshot import Snapshot
 
-    _, segments = _physical_scope(root)
+    segments = _physical_scope(root)
     for name, seg in snapshot.segments.items():  # the current snapshot wins for live segments
         segments[name] = seg
     scope = Snapshot(root, {**snapshot.data, "segments": {n: {**s, "files": {k: v for k, v in s["files"].items()
