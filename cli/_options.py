@@ -27,4 +27,7 @@ FormatsOpt = Annotated[List[str], typer.Option("--format", "-f", help="Input for
 TextFieldOpt = Annotated[str, typer.Option(help="JSONL field / Parquet column holding the text.")]
 IdFieldOpt = Annotated[str, typer.Option(help="JSONL field / Parquet column holding the document id (missing: content hash).")]
 OnErrorOpt = Annotated[str, typer.Option(help="skip: skip bad records and report counts; fail: stop at the first, commit nothing, exit 1.")]
+SourcesArg = Annotated[List[str], typer.Argument(help="Files or folders (recursive) of .txt/.md, .jsonl[.gz|.zst], .parquet; - reads JSONL from stdin.", show_default=False)]
+DeviceOpt = Annotated[str, typer.Option(help="Embedding device: auto (CUDA if present), cpu, cuda or mps.")]
+BatchSizeOpt = Annotated[Optional[int], typer.Option(help="Chunks per embedding forward pass (default: 32 on CPU, 512 on CUDA/MPS).", min=1)]
 SegmentMbOpt = Annotated[float, typer.Option(help="Input megabytes per segment (the unit of parallelism and retry).", min=0.001)]

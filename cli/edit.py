@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 
-from ._options import (DbArg, DryRunOpt, FormatsOpt, IdFieldOpt, OnErrorOpt, SegmentMbOpt, TextFieldOpt, WaitOpt,
-                       WorkersOpt, YesOpt, Format, FormatOpt)
+from ._options import (BatchSizeOpt, DbArg, DeviceOpt, DryRunOpt, Format, FormatOpt, FormatsOpt, IdFieldOpt,
+                       OnErrorOpt, SegmentMbOpt, SourcesArg, TextFieldOpt, WaitOpt, WorkersOpt, YesOpt)
 from ._output import Output, confirm
 
 
 def add(
     db: DbArg,
-    sources: Annotated[List[str], typer.Argument(help="Files or folders (recursive) of .txt/.md, .jsonl[.gz|.zst], .parquet; - reads JSONL from stdin.", show_default=False)],
+    sources: SourcesArg,
     replace: Annotated[bool, typer.Option("--replace", help="Supersede live documents with the same id (their old version is deleted in the same commit). Without it they are refused.")] = False,
     formats: FormatsOpt = [],
     text_field: TextFieldOpt = "text",
@@ -24,8 +23,8 @@ def add(
     on_error: OnErrorOpt = "skip",
     workers: WorkersOpt = None,
     segment_mb: SegmentMbOpt = 64,
-    device: Annotated[str, typer.Option(help="Embedding device: auto (CUDA if present), cpu, cuda or mps.")] = "auto",
-    batch_size: Annotated[Optional[int], typer.Option(help="Chunks per embedding forward pass (default: 64 on CPU, 256 on CUDA).", min=1)] = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = None,
     wait: WaitOpt = 0,
 ) -> None:
     """Add documents: ingest, embed and index them as new segments, committed as ONE snapshot.

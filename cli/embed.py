@@ -7,16 +7,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import DbArg, Format, FormatOpt, WaitOpt
+from ._options import BatchSizeOpt, DbArg, DeviceOpt, Format, FormatOpt, WaitOpt
 from ._output import Output
 
 
 def embed(
     db: DbArg,
     model: Annotated[Optional[str], typer.Option(help="Local Hugging Face BERT directory (default: the database's embedder, else the bundled all-MiniLM-L6-v2), or hash:DIM for the test embedder.")] = None,
-    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda or mps.")] = "auto",
+    device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA; on CPU bf16 only where native and measured faster), fp32, bf16 or fp16.")] = "auto",
-    batch_size: Annotated[Optional[int], typer.Option(help="Chunks per forward pass (default: 32 on CPU, 512 on CUDA/MPS).", min=1)] = None,
+    batch_size: BatchSizeOpt = None,
     max_length: Annotated[Optional[int], typer.Option(help="Most BERT tokens per chunk; longer chunks are truncated (default: the database's, else 128).", min=3)] = None,
     reembed: Annotated[bool, typer.Option(help="Switch to another model: drop every key and index and rebuild them all.")] = False,
     wait: WaitOpt = 0,

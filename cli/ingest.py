@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from ._options import DbArg, FormatsOpt, IdFieldOpt, OnErrorOpt, SegmentMbOpt, TextFieldOpt, WaitOpt, WorkersOpt
+from ._options import DbArg, FormatsOpt, IdFieldOpt, OnErrorOpt, SegmentMbOpt, SourcesArg, TextFieldOpt, WaitOpt, WorkersOpt
 from ._output import Output
 
 
 def ingest(
     db: DbArg,
-    sources: Annotated[List[str], typer.Argument(help="Files or folders (recursive) of .txt/.md, .jsonl[.gz|.zst], .parquet; - reads JSONL from stdin.", show_default=False)],
+    sources: SourcesArg,
     formats: FormatsOpt = [],
     text_field: TextFieldOpt = "text",
     id_field: IdFieldOpt = "id",

@@ -380,7 +380,7 @@ def _start(w, plan: RedactionPlan, selectors, mode: str, mask_token: str, ignore
     from . import tombstones
     from .add import finish_segments, segment_finishers
     from .ingest import IngestOptions, stage_sources
-    from .readers import Document, Piece
+    from .readers import Piece
 
     live = w.base.segments
     deleted = {n: tombstones.deleted_doc_ids(w.root, s) for n, s in live.items() if n in plan.segments}

@@ -6,7 +6,7 @@ import pytest
 
 import retrodb
 from retrodb.absent import scan_absent
-from retrodb.redact import build_selectors, plan_redaction, redact
+from retrodb.redact import build_selectors, redact
 from retrodb.errors import RetrodbError
 from retrodb.verify import verify
 from tests.conftest import make_text, run_retrodb
