@@ -92,7 +92,7 @@ def peak_rss_mb(path: Path, tmp: Path, workers: int, segment_mb: float) -> float
     db = tmp / "db-rss"
     shutil.rmtree(db, ignore_errors=True)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "ingest", str(db), str(path), "--workers", str(workers),
+    proc = subprocess.Popen([sys.executable, "-m", "retrodb.cli", "ingest", str(db), str(path), "--workers", str(workers),
                              "--segment-mb", str(segment_mb), "--format", "json"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     parent = psutil.Process(proc.pid)
     peak = 0

@@ -21,7 +21,7 @@ TOKEN_TYPES = {"uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32()
 @lru_cache(maxsize=None)
 def spec(table: str) -> dict:
     """The raw JSON spec of a table (documents, chunks, tombstones, keys, manifest)."""
-    return json.loads(resources.files("schemas").joinpath(f"{table}.json").read_text())
+    return json.loads(resources.files("retrodb.schemas").joinpath(f"{table}.json").read_text())
 
 
 def token_type_for(vocab_size: int) -> str:

@@ -63,7 +63,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys):
     """Run `retrodb ARGS...` in this process; returns exit code, stdout, stderr."""
-    from cli.main import run
+    from retrodb.cli.main import run
 
     def invoke(*args) -> CliResult:
         capsys.readouterr()
@@ -77,5 +77,5 @@ def cli(capsys):
 def run_retrodb(*args, env: dict | None = None, input: bytes | None = None, timeout: float = 120):
     """Run the CLI in a subprocess (for kill -9 and concurrency tests)."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO, env=full_env,
+    return subprocess.run([sys.executable, "-m", "retrodb.cli", *map(str, args)], cwd=REPO, env=full_env,
                           input=input, capture_output=True, timeout=timeout)

@@ -20,7 +20,7 @@ import time
 import pytest
 
 import retrodb
-from cli.main import run as cli_run
+from retrodb.cli.main import run as cli_run
 from retrodb.verify import verify
 from tests.conftest import REPO, run_retrodb
 from tests.edit_helpers import build_db, content, write_jsonl

@@ -358,7 +358,7 @@ def test_compact_rebuilds_only_the_new_segments_indexes(tmp_path):
 def test_cli_defaults_match_the_library():
     import inspect
 
-    from cli import edit as cli_edit
+    from retrodb.cli import edit as cli_edit
     from retrodb import compact as lib
 
     params = inspect.signature(cli_edit.compact).parameters

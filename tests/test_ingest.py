@@ -226,7 +226,7 @@ def test_help_has_examples_and_does_not_import_torch():
 
     from tests.conftest import REPO
 
-    code = "import sys; from cli.main import run; run(['--help']); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys; from retrodb.cli.main import run; run(['--help']); print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("False False") and "Examples" in out
     for cmd in ("init", "ingest", "stats", "sql", "log"):
