@@ -82,21 +82,28 @@ def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
 
 def sql(
     db: DbArg,
-    query: Annotated[str, typer.Argument(help="DuckDB SQL over the views documents, chunks and segments.")],
+    query: Annotated[str, typer.Argument(help="One read-only DuckDB query (SELECT, DESCRIBE, SHOW, SUMMARIZE) over the views documents, chunks and segments.")],
     at: AtOpt = None,
     fmt: FormatOpt = Format.human,
     limit: Annotated[int, typer.Option(help="Most rows to print in human mode.")] = 100,
 ) -> None:
-    """Run DuckDB SQL over the snapshot's tables (deleted documents excluded).
+    """Run one read-only DuckDB query over the snapshot's tables (deleted documents excluded).
 
     Views: [bold]documents[/](doc_id, source, metadata, text, num_chars, num_tokens, num_chunks,
     first_chunk_id, segment), [bold]chunks[/](chunk_id, doc_id, position, char_start, char_end,
     num_tokens, tokens, continuation_id, segment), [bold]segments[/](segment, documents, chunks).
 
+    What it may do: one SELECT (also DESCRIBE, SHOW, SUMMARIZE, WITH, VALUES) that reads the
+    views. What it may not: read any file but the snapshot's own (read_csv, read_blob, glob
+    fail), write any file (COPY, EXPORT), ATTACH a database, INSTALL or LOAD an extension,
+    CREATE, DROP, SET or PRAGMA anything: DuckDB runs with external access disabled and its
+    configuration locked, and every other statement is refused before it runs.
+
     [bold]Examples[/]
 
       retrodb sql my-db "SELECT count(*) AS n FROM chunks"
       retrodb sql my-db "SELECT doc_id, num_chunks FROM documents ORDER BY 2 DESC LIMIT 5" --format json
+      retrodb sql my-db "DESCRIBE documents"
     """
     import duckdb
 

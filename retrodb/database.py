@@ -160,17 +160,14 @@ class Database:
         }
 
     def sql(self, query: str):
-        """Run DuckDB SQL over this snapshot's `documents` and `chunks` views; returns a pyarrow Table."""
+        """Run one read-only DuckDB query over this snapshot's `documents`, `chunks` and `segments` views; returns
+        a pyarrow Table. The connection reads only this snapshot's files (see `retrodb.sql`)."""
         import duckdb
 
-        from .sql import connect
+        from .sql import run_query
 
         try:
-            con = connect(self.snapshot)
-            try:
-                return con.sql(query).to_arrow_table()
-            finally:
-                con.close()
+            return run_query(self.snapshot, query)
         except duckdb.IOException:
             self.check_files_present()
             raise
