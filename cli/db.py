@@ -60,7 +60,8 @@ def stats(db: DbArg, at: AtOpt = None, fmt: FormatOpt = Format.human) -> None:
 
 
 def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
-    """List retained snapshots: version, time, command, documents, chunks.
+    """List retained snapshots: version, time, command, documents, chunks; and the snapshots a
+    redaction purged (version, time, command only: their content is gone).
 
     [bold]Examples[/]
 
@@ -76,7 +77,9 @@ def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
             out.record(r)
         return
     out.table(["version", "created", "command", "documents", "chunks", "tokens", "segments"],
-              [[("* " if r["current"] else "") + str(r["version"]), r["created"], r["command"], f"{r['documents']:,}",
+              [[str(r["version"]), r["created"], r["command"], f"purged by redaction {r.get('purged_by') or ''}".strip(),
+                "", "", ""] if r.get("purged") else
+               [("* " if r["current"] else "") + str(r["version"]), r["created"], r["command"], f"{r['documents']:,}",
                 f"{r['chunks']:,}", f"{r['tokens']:,}", r["segments"]] for r in rows])
 
 

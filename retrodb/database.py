@@ -114,8 +114,17 @@ class Database:
         return self.snapshot.config
 
     def log(self) -> list[dict]:
-        """Every retained snapshot, oldest first."""
+        """Every retained snapshot, oldest first, and the snapshots redactions purged (version, time, command,
+        `purged`: True; no content)."""
+        from .redact import purged_versions
+
         out = []
+        retained = set(snap.retained_versions(self.root))
+        for p in purged_versions(self.root):
+            if p.get("version") not in retained and p.get("version") not in {r["version"] for r in out}:
+                out.append({"version": p["version"], "created": p.get("created"), "command": p.get("command"),
+                            "purged": True, "purged_by": p.get("purged_by"), "purged_at": p.get("purged_at"),
+                            "current": False})
         for v in snap.retained_versions(self.root):
             try:
                 s = snap.read_manifest(self.root, v)
@@ -124,7 +133,7 @@ class Database:
             out.append({"version": v, "created": s.data["created"], "command": s.data["command"],
                         **{k: s.totals()[k] for k in ("documents", "chunks", "tokens")},
                         "segments": len(s.segments), "current": v == self.current_version()})
-        return out
+        return sorted(out, key=lambda r: r["version"])
 
     def current_version(self) -> int:
         return snap.current_version(self.root)

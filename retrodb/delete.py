@@ -76,15 +76,27 @@ class DeleteReport:
         return d
 
 
+def read_lines(path: str | Path, *, strip: bool) -> list[str]:
+    """One value per line of a UTF-8 file (`-`: stdin): a byte-order mark and line ends removed, blank lines
+    skipped, and with `strip` surrounding spaces too (ids); without, a line is kept as it is (literals)."""
+    try:
+        if str(path) == "-":
+            text = sys.stdin.read().removeprefix("\ufeff")
+        else:
+            text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise RetrodbError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise RetrodbError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RetrodbError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    lines = text.split("\n")
+    return [line.strip() if strip else line.removesuffix("\r") for line in lines if line.strip()]
+
+
 def read_ids_file(path: str | Path) -> list[str]:
     """Document ids, one per line (blank lines ignored); `-` reads stdin."""
-    try:
-        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RetrodbError(f"ids file {path} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise RetrodbError(f"ids file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return read_lines(path, strip=True)
 
 
 def plan_delete(snapshot: Snapshot, doc_ids: list[str] | None = None, where: str | None = None) -> DeletePlan:
