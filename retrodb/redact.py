@@ -469,6 +469,10 @@ def redact(root: str | Path, selectors: list[Selector], *, mode: str | None = No
         raise BadOption("--mode", f"unknown mode {mode!r}; use drop or mask")
     if mask_token == "":
         raise BadOption("--mask-token", "must not be empty")
+    text_selectors = [s for s in selectors if s.kind != "doc-id"]
+    if (mode or default_mode(selectors)) == "mask" and _TextMatcher(text_selectors, ignore_case).spans(mask_token):
+        raise BadOption("--mask-token", f"{mask_token!r} matches the selectors itself, so the masked text would "
+                        "still hold what is removed", hint="choose another --mask-token")
     db = Database(root)
     if not selectors and not _pending(db.snapshot):
         raise RetrodbError("nothing selected", hint="give --doc-id, --ids-file, --literal, --regex, --pii or --from-file")
@@ -686,20 +690,24 @@ def _check_absent(w, strings: list[str], ignore_case: bool, written: set[str]) -
 
 def absent_check(texts: list[str], ignore_case: bool = False, keys: bool = False, threshold: float = 0.999):
     """A `verify` check (for `retrodb verify --absent`): every file under the database, scanned for `texts`,
-    their LM token ids and (with `keys`) their keys; each hit is an error naming the file and place."""
+    their LM token ids and (with `keys`) their keys; each hit is an error naming the document (or file) and
+    place. After it ran, `check.summary` says what was checked: files, bytes, texts, kinds, hits."""
 
     def check(v) -> None:
-        from .absent import scan_absent
+        from .absent import absence_scanner
 
         embedder = None
         if keys:
             from .embedder import embedder_for
 
             embedder = embedder_for(v.snapshot.config)
-        hits = scan_absent(v.root, texts, ignore_case=ignore_case,
-                           tokenizer_path=v.snapshot.config["tokenizer"]["path"], check_keys=keys,
-                           embedder=embedder, threshold=threshold)
+        scanner = absence_scanner(texts, ignore_case=ignore_case, tokenizer_path=v.snapshot.config["tokenizer"]["path"],
+                                  check_keys=keys, embedder=embedder, threshold=threshold)
+        hits = scanner.scan(v.root)
+        check.summary = {"files": scanner.files, "bytes": scanner.bytes, "texts": len(texts),
+                         "ignore_case": ignore_case, "kinds": scanner.kinds(), "found": len(hits)}
         for h in hits:
-            v.error(f"absent text #{h.needle + 1} found ({h.what}) at {h.location}", h.file)
+            v.error(f"absent text #{h.needle + 1} found ({h.what}) in {h.describe()}", h.file)
 
+    check.summary = None
     return check

@@ -382,3 +382,10 @@ def test_log_shows_purged_versions(tmp_path, cli):
     assert all(r["created"] for r in purged)
     human = cli("log", root)
     assert "purged" in human.out
+
+
+def test_mask_token_that_matches_the_selectors_is_refused(tmp_path, cli):
+    root = build_columns(tmp_path / "db")
+    r = cli("redact", root, "--literal", "RED", "--yes")
+    assert r.code == 2 and "--mask-token" in r.err
+    assert cli("redact", root, "--literal", "red", "--ignore-case", "--mask-token", "[gone]", "--dry-run").code == 0
