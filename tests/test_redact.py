@@ -330,17 +330,19 @@ def test_regex_re2_rejects_is_a_usage_error(tmp_path, cli, pattern, says):
     assert r.code == 2 and says in r.err and "--regex" in r.err and "internal error" not in r.err, r.err
 
 
-def test_help_says_regex_is_re2(cli):
-    out = cli("redact", "--help").out
-    assert "RE2" in out and "default" in out.lower()
+def test_help_says_regex_is_re2_and_the_default_mode(cli):
+    out = " ".join(cli("redact", "--help").out.replace("│", " ").split())
+    assert "RE2 regular expression" in out and "ASCII-only" in out and "mask for text selectors" in out
 
 
 def test_catastrophic_regex_on_a_1mb_document(tmp_path):
     import time
 
-    root = build_columns(tmp_path / "db", [{"id": "big", "text": "a" * (1 << 20)}])
+    # DuckDB selects the document (it has "ab" at the end); a backtracking engine then spends forever on the run
+    root = build_columns(tmp_path / "db", [{"id": "big", "text": "a" * (1 << 20) + "c, then ab"}])
     started = time.perf_counter()
-    assert redact(root, build_selectors(regexes=["(a+)+z"]), dry_run=True).plan["documents"] == 0
+    plan = redact(root, build_selectors(regexes=["(a+)+b"]), dry_run=True).plan
+    assert plan["documents"] >= 1 and plan["columns"]["text"] >= 1
     assert time.perf_counter() - started < 30
 
 
