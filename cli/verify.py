@@ -58,8 +58,8 @@ def verify(
                               highlight=False)
         if check and check.summary:
             s = check.summary
-            out.say(Text(f"absent: {s['texts']} text(s){' (any case)' if ignore_case else ''} searched in "
-                         f"{s['files']:,} file(s), {s['bytes']:,} bytes, as {'; '.join(s['kinds'])}: "
+            out.say(Text(f"absent: searched {s['files']:,} file(s) ({s['bytes']:,} bytes) for {s['texts']} text(s)"
+                         f"{' in any case' if ignore_case else ''} as {' and '.join(s['kinds'])}: "
                          + ("none found" if not s["found"] else f"{s['found']:,} found")))
         status = "OK" if report.ok else f"FAILED: {len(report.errors)} error(s)"
         out.say(Text(f"{db} @ v{report.version}: {status}; {report.segments} segments, {report.files} files, "

@@ -94,15 +94,18 @@ class AbsenceScanner:
 
     def __init__(self, texts: list[str], token_seqs: list[list[int]] | None = None, ignore_case: bool = False,
                  keys: list[np.ndarray] | None = None, threshold: float = 0.999):
-        from .pii import compile_re2, literal_pattern
+        from .pii import compile_re2, json_variants, literal_pattern
 
         self.texts = texts
         self.ignore_case = ignore_case
-        self.patterns = [(f"(?i:{literal_pattern(t)})" if ignore_case else literal_pattern(t)) for t in texts]
+        # each text, and its JSON-escaped form (metadata is JSON text), as RE2 patterns; `needle_of` maps back
+        variants = [(i, v) for i, t in enumerate(texts) for v in json_variants(t)]
+        self.needle_of = [i for i, _ in variants]
+        self.patterns = [(f"(?i:{literal_pattern(v)})" if ignore_case else literal_pattern(v)) for _, v in variants]
         self.each = [compile_re2(p) for p in self.patterns]
         self.any = compile_re2("|".join(f"(?:{p})" for p in self.patterns)) if texts else None
         # bytes a match can span: a character and its other case take at most 4 bytes each
-        self.overlap = max((len(t.encode("utf-8")) * (4 if ignore_case else 1) for t in texts), default=1)
+        self.overlap = max((len(v.encode("utf-8")) * (4 if ignore_case else 1) for _, v in variants), default=1)
         self.seqs = [np.asarray(s, dtype=np.int64) for s in (token_seqs or [])]
         self.raw_seqs = []
         for i, s in enumerate(self.seqs):
@@ -196,7 +199,8 @@ class AbsenceScanner:
             if self.any is not None:
                 for m in self.any.finditer(data):
                     matched = data[m.start():m.end()]
-                    for i, each in enumerate(self.each):
+                    for k, each in enumerate(self.each):
+                        i = self.needle_of[k]
                         if (i, offset + m.start()) not in seen and counts.get(i, 0) < 5 and each.fullmatch(matched):
                             seen.add((i, offset + m.start()))
                             counts[i] = counts.get(i, 0) + 1
@@ -233,7 +237,8 @@ class AbsenceScanner:
                 col = table[col_name].combine_chunks()
                 typ = col.type
                 if pa.types.is_string(typ) or pa.types.is_large_string(typ):
-                    for i, pattern in enumerate(self.patterns):
+                    for k, pattern in enumerate(self.patterns):
+                        i = self.needle_of[k]
                         found = pc.match_substring_regex(col, pattern)
                         rows = np.flatnonzero(found.fill_null(False).to_numpy(zero_copy_only=False))
                         for r in rows[:5]:

@@ -79,6 +79,15 @@ def literal_pattern(text: str) -> str:
     return re2.escape(text)
 
 
+def json_variants(text: str) -> list[str]:
+    """`text`, and the form it takes inside a JSON string (metadata is stored as JSON text: a quote, a backslash
+    or a control character is escaped there) when that differs."""
+    import json
+
+    escaped = json.dumps(text, ensure_ascii=False)[1:-1]
+    return [text] if escaped == text else [text, escaped]
+
+
 def finditer_spans(pattern: str, text: str, ignore_case: bool = False) -> list[Span]:
     """Non-empty, non-overlapping leftmost matches of `pattern` in `text` (character offsets)."""
     return [m.span() for m in compile_re2(pattern, ignore_case).finditer(text) if m.end() > m.start()]

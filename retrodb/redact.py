@@ -27,7 +27,8 @@ from pathlib import Path
 
 from . import faults
 from .errors import BadOption, RetrodbError
-from .pii import DETECTORS, PatternError, compile_re2, find as find_pii, finditer_spans, literal_pattern
+from .pii import (DETECTORS, PatternError, compile_re2, find as find_pii, finditer_spans, json_variants,
+                  literal_pattern)
 
 MODES = ("drop", "mask")
 AUDIT_LOG = "audit.jsonl"
@@ -45,17 +46,13 @@ class Selector:
     kind: str  # doc-id | literal | regex | pii
     value: str  # the id, literal, pattern or detector name
 
-    def pattern(self, ignore_case: bool = False) -> str:
-        """The RE2 pattern (DuckDB and Python alike) of a text selector, case folding inline."""
+    def patterns(self, ignore_case: bool = False) -> list[str]:
+        """The RE2 patterns (DuckDB and Python alike) of a text selector, case folding inline. A literal also
+        matches its JSON-escaped form (how a quote, a backslash or a newline is stored in `metadata`)."""
         if self.kind == "pii":
-            return DETECTORS[self.value].pattern
-        p = literal_pattern(self.value) if self.kind == "literal" else self.value
-        return f"(?i:{p})" if ignore_case else p
-
-    def spans(self, text: str, ignore_case: bool) -> list[tuple[int, int]]:
-        if self.kind == "pii":
-            return find_pii(DETECTORS[self.value], text)
-        return finditer_spans(self.pattern(ignore_case), text)
+            return [DETECTORS[self.value].pattern]
+        ps = [literal_pattern(v) for v in json_variants(self.value)] if self.kind == "literal" else [self.value]
+        return [f"(?i:{p})" if ignore_case else p for p in ps]
 
     def describe_for_audit(self, key: bytes) -> dict:
         if self.kind == "pii":
@@ -186,32 +183,31 @@ def _merge(spans: list[Span]) -> list[Span]:
 
 
 class _TextMatcher:
-    """All text selectors at once: one RE2 alternation for DuckDB's scan, an RE2 set that says which selectors
-    match a value, then each of those selectors' spans (validated for PII)."""
+    """All text selectors at once: one RE2 alternation for DuckDB's scan, an RE2 set that says which patterns
+    match a value, then those patterns' spans (validated, for PII)."""
 
     def __init__(self, selectors: list[Selector], ignore_case: bool):
         import re2
 
         self.selectors = selectors
-        self.ignore_case = ignore_case
-        self.patterns = [s.pattern(ignore_case and s.kind != "pii") for s in selectors]
-        self.combined = "|".join(f"(?:{p})" for p in self.patterns)
+        self.entries = [(sel, p) for sel in selectors for p in sel.patterns(ignore_case and sel.kind != "pii")]
+        self.combined = "|".join(f"(?:{p})" for _, p in self.entries)
         options = re2.Options()
         options.log_errors = False
         options.max_mem = 256 << 20
         self.set = re2.Set.SearchSet(options)
-        for p in self.patterns:
+        for _, p in self.entries:
             self.set.Add(p)
         self.set.Compile()
 
     def spans(self, value: str | None) -> list[Span]:
-        if not value or not self.selectors:
+        if not value or not self.entries:
             return []
         out: list[Span] = []
         for i in self.set.Match(value) or ():
-            sel = self.selectors[i]
-            out += [(a, b, sel.value if sel.kind == "pii" else sel.kind)
-                    for a, b in sel.spans(value, self.ignore_case and sel.kind != "pii")]
+            sel, pattern = self.entries[i]
+            found = find_pii(DETECTORS[sel.value], value) if sel.kind == "pii" else finditer_spans(pattern, value)
+            out += [(a, b, sel.value if sel.kind == "pii" else sel.kind) for a, b in found]
         return _merge(out)
 
 
@@ -257,14 +253,15 @@ def plan_redaction(snapshot, selectors: list[Selector], mode: str | None = None,
     samples = []
     for m in matches:
         for col in m.columns:
-            samples.append(_masked_context(values[(m.segment, m.doc_id)][col], m.spans[col], col))
+            where = f"[{col}] of " + ("a document whose id matches" if m.spans.get("doc_id") else repr(m.doc_id))
+            samples.append(f"{where}: " + _masked_context(values[(m.segment, m.doc_id)][col], m.spans[col]))
             break
         if len(samples) >= sample_size:
             break
     return RedactionPlan(mode, matches, samples, values)
 
 
-def _masked_context(text: str, spans: list[Span], column: str) -> str:
+def _masked_context(text: str, spans: list[Span]) -> str:
     """A sample line that shows where a match is without showing it, or any other match near it."""
     a, b, _ = spans[0]
     lo, hi = max(0, a - SAMPLE_CONTEXT), min(len(text), b + SAMPLE_CONTEXT)
@@ -276,7 +273,7 @@ def _masked_context(text: str, spans: list[Span], column: str) -> str:
         parts.append(f"«{kind}: {y - x} chars»")
         last = min(y, hi)
     parts.append(" ".join(text[last:hi].split()))
-    return f"[{column}] …" + " ".join(p for p in parts if p) + "…"
+    return "…" + " ".join(p for p in parts if p) + "…"
 
 
 def mask_text(text: str, spans: list[Span], token: str) -> str:

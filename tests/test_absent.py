@@ -114,4 +114,4 @@ def test_verify_absent_says_what_it_checked_and_names_the_document(tmp_path, db_
     assert ok.code == 0 and summary["files"] >= 4 and summary["bytes"] > 1000 and summary["texts"] == 1
     assert summary["found"] == 0 and any("token ids" in k for k in summary["kinds"])
     human = cli("verify", db_path, "--absent", "nowhere to be found", "--ignore-case")
-    assert human.code == 0 and "absent: 1 text(s) (any case) searched in" in human.out and "none found" in human.out
+    assert human.code == 0 and "for 1 text(s) in any case as text" in human.out and "none found" in human.out

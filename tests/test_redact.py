@@ -391,3 +391,14 @@ def test_mask_token_that_matches_the_selectors_is_refused(tmp_path, cli):
     r = cli("redact", root, "--literal", "RED", "--yes")
     assert r.code == 2 and "--mask-token" in r.err
     assert cli("redact", root, "--literal", "red", "--ignore-case", "--mask-token", "[gone]", "--dry-run").code == 0
+
+
+def test_literal_with_quotes_in_metadata_is_found_in_its_json_form(tmp_path, cli):
+    secret = 'Jane "JD" Doe\\x'
+    root = build_columns(tmp_path / "db", [{"id": "q", "text": "plain text here", "note": f"from {secret}, ok"}])
+    assert cli("verify", root, "--absent", secret).code == 1  # stored as Jane \"JD\" Doe\\x in the JSON text
+    report = redact(root, build_selectors(literals=[secret]))
+    assert report.plan["documents"] == 1 and report.plan["columns"]["metadata"] == 1
+    meta = retrodb.open(root).sql("SELECT metadata FROM documents WHERE doc_id = 'q'").column(0)[0].as_py()
+    assert json.loads(meta) == {"note": "from [REDACTED], ok"}
+    assert cli("verify", root, "--absent", secret).code == 0
