@@ -1,16 +1,23 @@
 """`retrodb redact`: privacy removal that leaves nothing behind.
 
-Selection runs in DuckDB over the snapshot's Parquet text (parallel scan,
-RE2 regexes); Python only looks at the candidate documents, to find exact
-spans and validate PII candidates (Luhn, mod-97). Execution, all under one
-writer lock: (1) tombstone the matched documents (and, in mask mode, add
-their masked versions as a new segment) and record a pending redaction in
+Selection runs in DuckDB over every column of the snapshot's documents that
+holds user data (text, metadata, source, doc_id) with RE2 (one parallel scan,
+all selectors in one alternation); Python only looks at the candidate rows,
+with the same RE2 (`google-re2`), to find exact spans and validate PII
+candidates. Mode `mask` (the default for text selectors) replaces each span
+with the token in text, metadata (JSON-escaped) and source, and gives a
+matching id a salted hash; `drop` (the default with doc-id selectors) removes
+the documents. Execution, all under one writer lock: (1) write the check file
+(the strings to remove), tombstone the matched documents (and, in mask mode,
+add their masked versions as a new segment) and record a pending redaction in
 the snapshot; (2) compact every affected segment, physically without the
-removed rows, keys carried over; (3) purge every older snapshot and file that
-still holds removed rows, whatever the retention; (4) check the touched
-files for the removed strings; (5) commit with the pending mark cleared and
-append an audit entry. A crash anywhere leaves a consistent database whose
-`verify` reports the redaction as incomplete; rerunning `redact` finishes it.
+removed rows, keys carried over; (3) purge every older snapshot (noted in
+purged.jsonl for `log`) and file that still holds removed rows, whatever the
+retention; (4) check every touched file for the removed strings, then drop them
+from the check file; (5) append the audit entry (once) and commit with the
+pending mark cleared. A crash anywhere leaves a consistent database whose
+`verify` reports the redaction as incomplete; rerunning `redact` finishes it,
+check included: a redaction never closes while the text is still on disk.
 """
 
 from __future__ import annotations

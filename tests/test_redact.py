@@ -402,3 +402,13 @@ def test_literal_with_quotes_in_metadata_is_found_in_its_json_form(tmp_path, cli
     meta = retrodb.open(root).sql("SELECT metadata FROM documents WHERE doc_id = 'q'").column(0)[0].as_py()
     assert json.loads(meta) == {"note": "from [REDACTED], ok"}
     assert cli("verify", root, "--absent", secret).code == 0
+
+
+def test_check_file_of_a_redaction_killed_before_its_first_commit(tmp_path):
+    root = build_columns(tmp_path / "db")
+    proc = run_retrodb("redact", root, "--pii", "email", "--yes", env={"RETRODB_KILL_AT": "commit.before_manifest#1"})
+    assert proc.returncode == -9 and (root / "redact-check.json").exists()
+    report = verify(root)
+    assert report.ok and any("redact-check.json" == f.path for f in report.warnings)
+    redact(root, build_selectors(doc_ids=["p1"]))
+    assert not (root / "redact-check.json").exists() and verify(root).ok
