@@ -35,7 +35,7 @@ from pathlib import Path
 from . import faults
 from .errors import BadOption, RetrodbError
 from .pii import (DETECTORS, PatternError, compile_re2, find as find_pii, finditer_spans, json_variants,
-                  literal_pattern)
+                  literal_pattern, uses_unicode_classes)
 
 MODES = ("drop", "mask")
 AUDIT_LOG = "audit.jsonl"
@@ -198,7 +198,11 @@ class _TextMatcher:
 
         self.selectors = selectors
         self.entries = [(sel, p) for sel in selectors for p in sel.patterns(ignore_case and sel.kind != "pii")]
-        self.combined = "|".join(f"(?:{p})" for _, p in self.entries)
+        # what DuckDB may select with: the same pattern, a detector's superset, or nothing at all when a pattern
+        # uses Unicode property classes (whose tables differ between the two RE2 builds): then Python sees all
+        sql = [DETECTORS[sel.value].prefilter if sel.kind == "pii" else None if uses_unicode_classes(p) else p
+               for sel, p in self.entries]
+        self.prefilter = None if None in sql else "|".join(f"(?:{p})" for p in sql)
         options = re2.Options()
         options.log_errors = False
         options.max_mem = 256 << 20
@@ -235,27 +239,28 @@ def plan_redaction(snapshot, selectors: list[Selector], mode: str | None = None,
     if ids:
         conds.append("doc_id IN (SELECT unnest(?::VARCHAR[]))")
         params.append(ids)
-    if matcher.selectors:
+    if matcher.entries and matcher.prefilter is not None:
         conds += [f"regexp_matches(coalesce({c}, ''), ?)" for c in COLUMNS]
-        params += [matcher.combined] * len(COLUMNS)
-    con = connect_readonly(snapshot)
-    try:  # one parallel scan for all selectors and columns; Python sees only the candidates
-        cur = con.execute(f"SELECT segment, first_chunk_id, num_chunks, num_tokens, {', '.join(COLUMNS)} "
-                          "FROM documents WHERE " + " OR ".join(f"({c})" for c in conds), params)
-        rows = cur.fetchall()
-    finally:
-        con.close()
+        params += [matcher.prefilter] * len(COLUMNS)
+    elif matcher.entries:
+        conds.append("true")  # Python matches every row
     wanted = set(ids)
     matched: list[Match] = []
     values: dict[tuple[str, str], dict] = {}
-    for seg, first, n, ntok, *cols in rows:
-        row = dict(zip(COLUMNS, cols))
-        spans = {c: matcher.spans(row[c]) for c in COLUMNS}
-        spans = {c: s for c, s in spans.items() if s}
-        if row["doc_id"] not in wanted and not spans:
-            continue  # a PII candidate that failed validation
-        matched.append(Match(seg, row["doc_id"], first, n, ntok, spans, whole=row["doc_id"] in wanted))
-        values[(seg, row["doc_id"])] = row
+    con = connect_readonly(snapshot)
+    try:  # one parallel scan for all selectors and columns; Python sees the candidates, a batch at a time
+        cur = con.execute(f"SELECT segment, first_chunk_id, num_chunks, num_tokens, {', '.join(COLUMNS)} "
+                          "FROM documents WHERE " + " OR ".join(f"({c})" for c in conds), params)
+        while batch := cur.fetchmany(4096):
+            for seg, first, n, ntok, *cols in batch:
+                row = dict(zip(COLUMNS, cols))
+                spans = {c: s for c in COLUMNS if (s := matcher.spans(row[c]))}
+                if row["doc_id"] not in wanted and not spans:
+                    continue  # a candidate that failed validation
+                matched.append(Match(seg, row["doc_id"], first, n, ntok, spans, whole=row["doc_id"] in wanted))
+                values[(seg, row["doc_id"])] = row
+    finally:
+        con.close()
     matches = sorted(matched, key=lambda m: (m.segment, m.first_chunk_id))
     samples = []
     for m in matches:

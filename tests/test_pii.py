@@ -7,7 +7,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from retrodb.pii import DETECTORS, PatternError, compile_re2, find, finditer_spans
+from retrodb.pii import DETECTORS, PatternError, compile_re2, find, finditer_spans, uses_unicode_classes
 
 # (detector, text, the one value it must find) -- the value is found exactly, nothing more, nothing less
 POSITIVES = {
@@ -123,11 +123,13 @@ def _duckdb_matches(con, pattern, texts, ignore_case=False):
     return [r[0] for r in rows]
 
 
-USER_PATTERNS = [r"M\wller", r"\pL+ller", r"secret[[:digit:]]+", r"(?i)müller", r"\bfoo\b", r"[^a-z]{3}",
-                 r"\d+\.\d+", r"(a+)+b", r"ß|ẞ", r"\p{Greek}+", r"[\x{1F600}-\x{1F64F}]", r"^x", r"y$", r"é"]
+USER_PATTERNS = [r"M\wller", r"secret[[:digit:]]+", r"(?i)müller", r"\bfoo\b", r"[^a-z]{3}", r"\d+\.\d+",
+                 r"(a+)+b", r"ß|ẞ", r"[\x{1F600}-\x{1F64F}]", r"^x", r"y$", r"é", r"(?i)σας", r"[[:alpha:]]+\s"]
+NEW_HAN = "\U0002EBF0\U0002EBF1"  # CJK Extension I (Unicode 15.1): a letter for google-re2, not for DuckDB's RE2
 ALPHABET = st.characters(codec="utf-8", exclude_categories=("Cs",))
 PIECES = ["jane@example.org", "jürgen@müller.de", "4111 1111 1111 1111", "+44 20 7946 0958", "(415) 555-2671",
-          "192.168.0.1", "fe80::1", "GB82 WEST 1234 5698 7654 32", "Müller", "secret42", "foo", "aaab", "ß", "ΣΑΣ"]
+          "192.168.0.1", "fe80::1", "GB82 WEST 1234 5698 7654 32", "Müller", "secret42", "foo", "aaab", "ß", "ΣΑΣ",
+          f"user{NEW_HAN}@例子.广告", NEW_HAN]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
@@ -135,18 +137,34 @@ PIECES = ["jane@example.org", "jürgen@müller.de", "4111 1111 1111 1111", "+44 
                 .map("".join), min_size=1, max_size=8), st.booleans())
 def test_duckdb_and_python_agree_on_random_unicode(texts, ignore_case):
     """Selection (DuckDB) and spans (Python) use the same RE2: a text has a match on one side iff on the other,
-    for every built-in pattern and typical user patterns; detectors report spans only inside matches."""
+    for every pattern DuckDB selects with (no Unicode property classes); each detector's DuckDB prefilter
+    selects every text in which the detector finds a span."""
     import duckdb
 
     con = duckdb.connect()
-    patterns = [d.pattern for d in DETECTORS.values()] + USER_PATTERNS
+    patterns = [d.prefilter for d in DETECTORS.values() if not uses_unicode_classes(d.pattern)] + USER_PATTERNS
     for pattern in patterns:
+        assert not uses_unicode_classes(pattern)
         duck = _duckdb_matches(con, pattern, texts, ignore_case)
         py = [compile_re2(pattern, ignore_case).search(t) is not None for t in texts]
         assert duck == py, (pattern, texts)
     for d in DETECTORS.values():
-        duck = _duckdb_matches(con, d.pattern, texts)
-        assert all(sel for sel, t in zip(duck, texts) if find(d, t))
+        duck = _duckdb_matches(con, d.prefilter, texts)
+        assert all(sel for sel, t in zip(duck, texts) if find(d, t)), (d.name, texts)
+
+
+def test_unicode_tables_differ_so_property_classes_stay_in_python():
+    """Why patterns with \\pL are matched by Python alone: the two RE2 builds disagree on Unicode 15.1 letters."""
+    import duckdb
+
+    con = duckdb.connect()
+    assert compile_re2(r"\pL").search(NEW_HAN) is not None
+    assert _duckdb_matches(con, r"\pL", [NEW_HAN]) == [False]  # if DuckDB catches up, this may be relaxed
+    assert uses_unicode_classes(r"\p{Han}") and uses_unicode_classes(r"[\PL]") and not uses_unicode_classes(r"\\p")
+    email = f"{NEW_HAN}@例子.广告"  # a candidate for Python's RE2 that DuckDB's would not see without the superset
+    assert compile_re2(DETECTORS["email"].pattern).search(email) is not None
+    assert _duckdb_matches(con, DETECTORS["email"].pattern, [email]) == [False]
+    assert _duckdb_matches(con, DETECTORS["email"].prefilter, [email]) == [True]
 
 
 def test_patterns_re2_rejects_raise_pattern_error():

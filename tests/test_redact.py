@@ -412,3 +412,12 @@ def test_check_file_of_a_redaction_killed_before_its_first_commit(tmp_path):
     assert report.ok and any("redact-check.json" == f.path for f in report.warnings)
     redact(root, build_selectors(doc_ids=["p1"]))
     assert not (root / "redact-check.json").exists() and verify(root).ok
+
+
+def test_unicode_property_classes_are_matched_by_python_over_every_row(tmp_path):
+    han = "\U0002EBF0\U0002EBF1"  # Unicode 15.1 letters: DuckDB's RE2 tables do not know them
+    root = build_columns(tmp_path / "db", [{"id": "h", "text": f"code: {han} end"}])
+    report = redact(root, build_selectors(regexes=[r"code: \pL+"]))
+    assert report.plan["documents"] == 1
+    assert retrodb.open(root).sql("SELECT text FROM documents WHERE doc_id = 'h'").column(0)[0].as_py() == \
+        "[REDACTED] end"
