@@ -119,9 +119,10 @@ class Database:
         from .redact import purged_versions
 
         out = []
-        retained = set(snap.retained_versions(self.root))
+        seen = set(snap.retained_versions(self.root))
         for p in purged_versions(self.root):
-            if p.get("version") not in retained and p.get("version") not in {r["version"] for r in out}:
+            if p.get("version") not in seen:
+                seen.add(p.get("version"))
                 out.append({"version": p["version"], "created": p.get("created"), "command": p.get("command"),
                             "purged": True, "purged_by": p.get("purged_by"), "purged_at": p.get("purged_at"),
                             "current": False})

@@ -29,6 +29,7 @@ import os
 import secrets
 import shutil
 from dataclasses import dataclass, field
+from functools import lru_cache
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -327,6 +328,7 @@ def audit_salt(root: Path) -> bytes:
     return path.read_bytes().strip()
 
 
+@lru_cache(maxsize=8)
 def audit_key(salt: bytes) -> bytes:
     """The one slow key derivation of a redaction; selectors and ids are then HMACed under it."""
     return hashlib.pbkdf2_hmac("sha256", b"retrodb audit key", salt, 200_000)
