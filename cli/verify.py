@@ -52,6 +52,10 @@ def verify(
             where = f" ({f.path})" if f.path else ""
             if f.level == "error":
                 out.err.print(f"[red]error[/] [{f.check}] {f.message}{where}", highlight=False, markup=True)
+            elif f.level == "info":
+                from rich.markup import escape
+
+                out.say(escape(f"note [{f.check}] {f.message}{where}"))
             else:
                 out.warn(f"[{f.check}] {f.message}{where}")
         status = "OK" if report.ok else f"FAILED: {len(report.errors)} error(s)"

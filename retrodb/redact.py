@@ -277,6 +277,7 @@ def audit_entry(root: Path, plan: RedactionPlan, selectors: list[Selector], igno
         "chunks": plan.chunks,
         "segments": plan.segments,
         "doc_id_hashes": sorted({doc_id_hash(salt, m.doc_id) for m in plan.matches}),
+        "chunk_ranges": sorted({(m.first_chunk_id, m.num_chunks) for m in plan.matches}),  # ids, never text
         "version_before": version_before,
         "version_after": version_after,
     }
@@ -462,6 +463,7 @@ def _finish(w, report: RedactReport | None = None, strings: list[str] = (), igno
         shutil.rmtree(job_dir, ignore_errors=True)
         if report is not None:
             report.compacted_segments = live_affected
+    removed_neighbours = _purge_neighbours(w, pending["audit"].get("chunk_ranges", []))
     # purge: every other snapshot that references an affected segment goes, whatever the retention
     current = w.base.version
     purged = []
@@ -472,7 +474,7 @@ def _finish(w, report: RedactReport | None = None, strings: list[str] = (), igno
             s = snap.read_manifest(w.root, v)
         except RetrodbError:
             s = None
-        if s is None or affected & set(s.segments):
+        if s is None or affected & set(s.segments) or removed_neighbours & {r["path"] for r in s.files()}:
             (w.root / snap.MANIFESTS / snap.manifest_name(v)).unlink(missing_ok=True)
             purged.append(v)
     fsync_dir(w.root / snap.MANIFESTS)
@@ -506,6 +508,15 @@ def _finish(w, report: RedactReport | None = None, strings: list[str] = (), igno
         report.purged_snapshots = purged
         report.purged_files = removed
         report.checked_files = checked
+
+
+def _purge_neighbours(w, chunk_ranges) -> set[str]:
+    """Rewrite the current snapshot's neighbours files that name removed chunks (a commit, when any does);
+    returns every neighbours file still on disk that names them, so the snapshots holding those go too."""
+    from . import neighbours
+
+    neighbours.purge(w, chunk_ranges)
+    return neighbours.files_naming(w.root, chunk_ranges)
 
 
 def _check_absent(w, strings: list[str], ignore_case: bool, written: set[str]) -> int:

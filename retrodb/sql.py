@@ -1,4 +1,4 @@
-"""DuckDB views over one snapshot: `documents`, `chunks` (tombstones applied) and `segments`."""
+"""DuckDB views over one snapshot: `documents`, `chunks` (tombstones applied), `segments` and `neighbours`."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def connect(snapshot: Snapshot, threads: int | None = None):
     else:
         con.execute("CREATE VIEW segments AS SELECT NULL::VARCHAR AS segment, 0::BIGINT AS documents, "
                     "0::BIGINT AS chunks WHERE false")
+    from .neighbours import sql_view
+
+    sql_view(con, snapshot)  # neighbours(chunk_id, rank, neighbour_chunk_id, score), live on both sides
     return con
 
 
