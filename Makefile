@@ -36,7 +36,7 @@ demo: install
 	$(BIN)/retrodb index $(DEMO_DB)
 	@echo "== training neighbours: every chunk's 2 nearest chunks of other documents (4 stored)"
 	$(BIN)/retrodb neighbours $(DEMO_DB)
-	$(BIN)/retrodb sql $(DEMO_DB) "SELECT a.doc_id, n.chunk_id, n.rank, b.doc_id AS neighbour_doc, round(n.score, 3) AS score FROM neighbours n JOIN chunks a USING (chunk_id) JOIN chunks b ON b.chunk_id = n.neighbour_chunk_id WHERE n.rank <= 2 AND a.doc_id = 'with.txt' ORDER BY n.chunk_id, n.rank LIMIT 6"
+	$(BIN)/retrodb sql $(DEMO_DB) "SELECT a.doc_id, n.chunk_id, n.rank, b.doc_id AS neighbour_doc, round(n.score::DOUBLE, 3) AS score FROM neighbours n JOIN chunks a USING (chunk_id) JOIN chunks b ON b.chunk_id = n.neighbour_chunk_id WHERE n.rank <= 2 AND a.doc_id = 'with.txt' ORDER BY n.chunk_id, n.rank LIMIT 6"
 	$(BIN)/retrodb stats $(DEMO_DB)
 	@echo "== leakage: how much of an evaluation set the database already holds (r(C), near-duplicates)"
 	$(BIN)/retrodb leakage $(DEMO_DB) $(DEMO_DB)-eval --dedup --out-ids $(DEMO_DB)-leaked.txt --top 3

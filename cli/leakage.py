@@ -9,6 +9,7 @@ import typer
 
 from ._options import AtOpt, DbArg, Format, FormatOpt
 from ._output import Output
+from ._text import flat, label, print_wrapped
 
 
 def leakage(
@@ -59,38 +60,48 @@ def leakage(
             out.record(c.to_dict())
         out.record({"summary": summary})
         return
-    labels = [label for _, label in _buckets()]
-    rows = [[escape(f), s["chunks"], *s["buckets"].values(), f"{s['share_bytes_r_above_half']:.1%}"]
-            for f, s in summary["files"].items()]
-    o = summary["overall"]
-    rows.append(["[bold]all[/]", o["chunks"], *o["buckets"].values(), f"{o['share_bytes_r_above_half']:.1%}"])
-    out.table(["file", "chunks", *[f"r {lab}" for lab in labels], "bytes r>0.5"], rows,
-              title=f"leakage of {o['chunks']:,} evaluation chunks against {escape(str(db))} @ v{report.version} "
-                    f"(k={k})")
-    leaked = report.most_leaked(top)
-    if leaked:
-        out.say("[bold]most leaked chunks[/]")
-        for c in leaked:
-            text = " ".join(report.texts[c.file][c.char_start:c.char_end].split())
-            out.say(f"  r={c.r:.3f} ({c.run}/{c.tokens} tokens)  {escape(c.file)} chunk {c.position}  "
-                    f"<- {escape(str(c.doc_id))} (chunk {c.chunk_id})")
-            out.say("    " + escape(text[:160] + ("…" if len(text) > 160 else "")))
-    if report.duplicates is not None:
-        if report.duplicates:
-            out.table(["doc_id", "near-duplicate of", "Jaccard (13-grams)"],
-                      [[escape(d.doc_id), escape(d.file), f"{d.jaccard:.3f}"] for d in report.duplicates],
-                      title=f"{len(report.duplicates)} database document(s) nearly duplicate an evaluation text")
-        else:
-            out.say("no database document nearly duplicates an evaluation text (Jaccard >= 0.8 over 13-grams)")
+    show_report(out, report, summary, db, k, top)
     if written is not None:
         out.say(f"wrote {written} document id(s) to {escape(str(out_ids))}; remove them with: "
                 f"retrodb delete {escape(str(db))} --ids-file {escape(str(out_ids))}")
 
 
-def _buckets():
+def show_report(out: Output, report, summary: dict, db, k: int, top: int) -> None:
+    """Per-file bucket table, the most leaked chunks as wrapped blocks, the near-duplicates (data escaped)."""
+    from rich.markup import escape
+    from rich.text import Text
+
     from retrodb.overlap import BUCKETS
 
-    return BUCKETS
+    def row(name: str, s: dict) -> list:
+        return [name, s["chunks"], *s["buckets"].values(), f"{s['share_bytes_r_above_half']:.1%}"]
+
+    rows = [row(escape(label(f)), s) for f, s in summary["files"].items()]
+    o = summary["overall"]
+    rows.append(row("[bold]all[/]", o))
+    out.table(["file", "chunks", *[b.replace("<=", "≤") for _, b in BUCKETS], "bytes r>.5"], rows,
+              title=f"r(C) of {o['chunks']:,} evaluation chunks against {escape(str(db))} @ v{report.version} "
+                    f"(k={k})")
+    leaked = report.most_leaked(top)
+    if leaked:
+        out.say("[bold]most leaked chunks[/]")
+    for c in leaked:
+        head = Text(f"r={c.r:.3f}", style="bold yellow")
+        head.append(f" ({c.run}/{c.tokens} tokens)  ")
+        head.append(label(c.file, 60))
+        head.append(f" chunk {c.position} ← ")
+        head.append(str(c.doc_id), style="bold")
+        head.append(f" (chunk {c.chunk_id})", style="dim")
+        print_wrapped(out.out, head, 2)
+        print_wrapped(out.out, Text(flat(report.texts[c.file][c.char_start:c.char_end]), style="dim"), 4)
+    if report.duplicates is not None:
+        if report.duplicates:
+            out.table(["doc_id", "near-duplicate of", "Jaccard"],
+                      [[escape(d.doc_id), escape(label(d.file)), f"{d.jaccard:.3f}"] for d in report.duplicates],
+                      title=f"{len(report.duplicates)} database document(s) nearly duplicate an evaluation text "
+                            "(MinHash over 13-grams, Jaccard ≥ 0.8)")
+        else:
+            out.say("no database document nearly duplicates an evaluation text (Jaccard >= 0.8 over 13-grams)")
 
 
 def register(app: typer.Typer) -> None:

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from ._options import AtOpt, DbArg, Format, FormatOpt
 from ._output import Output
+from ._text import flat, highlighted, print_wrapped
 
 
 def query(
@@ -77,10 +78,10 @@ def show_result(out: Output, r) -> None:
 
     console = out.out
     head = Text("chunk " + str(r.chunk_id) + ": " if r.chunk_id is not None else "query: ", style="bold")
-    head.append(_flat(r.query))
-    _print(console, head, 0)
+    head.append(flat(r.query))
+    print_wrapped(console, head, 0)
     if not r.neighbours:
-        _print(console, Text("no neighbours", style="dim"), 2)
+        print_wrapped(console, Text("no neighbours", style="dim"), 2)
     for n in r.neighbours:
         line = Text()
         line.append(f"#{n.rank}", style="bold cyan")
@@ -90,47 +91,14 @@ def show_result(out: Output, r) -> None:
         if n.overlap is not None:
             line.append(f" · run {n.overlap['tokens']} tok, r {n.r:.2f}", style="yellow" if n.r else "dim")
         console.print()
-        _print(console, line, 2)
-        _print(console, _highlighted(n.text, (n.overlap or {}).get("text_span")), 4)
+        print_wrapped(console, line, 2)
+        print_wrapped(console, highlighted(n.text, (n.overlap or {}).get("text_span")), 4)
         if n.continuation is None:
-            _print(console, Text("(no continuation: last chunk of its document)", style="dim"), 4)
+            print_wrapped(console, Text("(no continuation: last chunk of its document)", style="dim"), 4)
         else:
-            cont = _highlighted(n.continuation, (n.overlap or {}).get("continuation_span"), style="dim")
-            _print(console, Text("→ ", style="dim") + cont, 4)
+            cont = highlighted(n.continuation, (n.overlap or {}).get("continuation_span"), style="dim")
+            print_wrapped(console, Text("→ ", style="dim") + cont, 4)
     console.print()
-
-
-def _print(console, text, indent: int) -> None:
-    """Print `text` wrapped to the console's width (80 when not a terminal), every line indented, no trailing
-    spaces."""
-    from rich.text import Text
-
-    for line in text.wrap(console, max(20, console.width - indent)):
-        line.rstrip()
-        console.print(Text(" " * indent) + line, soft_wrap=True)
-
-
-def _highlighted(text: str, span, style: str = ""):
-    """`text` with whitespace runs as one space (a paragraph that wraps) and the characters of `span`
-    ([start, end) in the original text) in reverse video."""
-    import re
-
-    from rich.text import Text
-
-    out = Text(style=style)
-    a, b = span or (0, 0)
-    for m in re.finditer(r"\S+|\s+", text.strip()):
-        start = m.start() + (len(text) - len(text.lstrip()))
-        piece = m.group() if not m.group().isspace() else " "
-        hot = span and start < b and start + len(m.group()) > a
-        if hot and not m.group().isspace():
-            lo, hi = max(a - start, 0), min(b - start, len(piece))
-            out.append(piece[:lo])
-            out.append(piece[lo:hi], style="reverse bold")
-            out.append(piece[hi:])
-        else:
-            out.append(piece, style="reverse bold" if hot and a < start and start + 1 <= b else "")
-    return out
 
 
 def read_queries(path: str) -> list[str]:
@@ -146,16 +114,6 @@ def read_queries(path: str) -> list[str]:
         raise RetrodbError(f"empty query: no queries in {'stdin' if path == '-' else path}",
                            hint="one query per line")
     return lines
-
-
-def _flat(s: str) -> str:
-    """Whitespace runs as one space, so a chunk reads as one paragraph in a table cell (JSON keeps it exact)."""
-    return " ".join(s.split())
-
-
-def _short(s: str, width: int) -> str:
-    s = _flat(s)
-    return s if len(s) <= width else s[: width - 1] + "…"
 
 
 def register(app: typer.Typer) -> None:

@@ -293,6 +293,8 @@ def compute_neighbours(root: str | Path, k: int = DEFAULT_K, *, ef: int | None =
 
     started = time.perf_counter()
     params = check_params(k, margin, ef)
+    if executor not in ("local", "ray"):
+        raise RetrodbError(f"unknown --executor {executor!r}: use local or ray")
     commit_every = max(1, commit_every)
     db = Database(root)
     with db.writer("neighbours", wait=wait) as w:

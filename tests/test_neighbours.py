@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import retrodb
-from retrodb.errors import ConfigMismatch, MissingStage
+from retrodb.errors import ConfigMismatch, MissingStage, RetrodbError
 from retrodb.neighbours import compute_neighbours, status
 from retrodb.verify import verify
 from tests.conftest import run_retrodb
@@ -215,6 +215,8 @@ def test_parameters_are_recorded_and_refused_without_refresh(db):
     assert max(len(r) for r in view(db).values()) == 6
     again = compute_neighbours(db, 3)
     assert again.segments == [] and again.up_to_date == len(retrodb.open(db).snapshot.segments)
+    with pytest.raises(RetrodbError, match="unknown --executor"):
+        compute_neighbours(db, 3, executor="slurm")
 
 
 def test_needs_keys(tmp_path):
