@@ -43,7 +43,7 @@ from .errors import MissingStage, RetrodbError
 
 PAD_ID = 0
 IGNORE_INDEX = -100
-CACHE_GROUPS = 64  # decoded Parquet row groups kept per reader (a few MB each at most)
+CACHE_GROUPS = 128  # decoded Parquet row groups kept per reader (about 0.5-1 MB each: ~4k chunks of ingest)
 
 
 def split_of(doc_id: str, val_fraction: float = 0.02) -> str:
@@ -99,11 +99,11 @@ class _Groups:
             out = {}
             for name in self.columns:
                 col = t[name].combine_chunks()
-                if name == "tokens":
-                    out["offsets"] = col.offsets.to_numpy().astype(np.int64)
-                    out["values"] = col.values.to_numpy().astype(np.int64)
-                elif name == "doc_id":
-                    out[name] = np.asarray(col.to_pylist(), dtype=object)
+                if name == "tokens":  # kept in their stored type; a chunk's slice is converted when read
+                    out["offsets"] = col.offsets.to_numpy()
+                    out["values"] = col.values.to_numpy()
+                elif name == "doc_id":  # kept as Arrow: one value is decoded when asked for
+                    out[name] = col
                 else:
                     out[name] = col.fill_null(-1).to_numpy() if col.null_count else col.to_numpy()
             keys = out[self.key_column]
@@ -181,11 +181,12 @@ class ChunkStore:
 
     @staticmethod
     def tokens_of(d: dict, row: int) -> np.ndarray:
-        return d["values"][d["offsets"][row]: d["offsets"][row + 1]]
+        return d["values"][d["offsets"][row]: d["offsets"][row + 1]].astype(np.int64)
 
-    def value(self, chunk_id: int, m: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """RETRO's [N, F] of a live chunk: its tokens then its continuation's (2m, PAD_ID-padded) and the mask."""
-        hit = self.find(chunk_id)
+    def value(self, chunk_id: int, m: int, hit=None) -> tuple[np.ndarray, np.ndarray] | None:
+        """RETRO's [N, F] of a live chunk: its tokens then its continuation's (2m, PAD_ID-padded) and the mask.
+        `hit`: the chunk's `find` result, if already looked up."""
+        hit = hit or self.find(chunk_id)
         if hit is None:
             return None
         name, d, row = hit
@@ -352,13 +353,10 @@ class _Windows:
                 if first <= nid < first + count:  # its own document (never stored; checked anyway)
                     continue
                 hit = self.store.find(nid)
-                if hit is None or not self.neighbour_allowed(hit[1]["doc_id"][hit[2]]):
+                if hit is None or not self.neighbour_allowed(hit[1]["doc_id"][hit[2]].as_py()):
                     continue  # deleted since, or a document this dataset must not see
-                v = self.store.value(nid, m)
-                if v is None:
-                    continue
                 nb_ids[u, j] = nid
-                values[u, j], masks[u, j] = v
+                values[u, j], masks[u, j] = self.store.value(nid, m, hit)
                 j += 1
                 if j == k:
                     break

@@ -194,6 +194,10 @@ def test_redaction_purges_neighbour_files_and_verify_checks_it(db):
         assert not set(t["neighbour_chunk_id"].to_pylist()) & removed, path
     rep = verify(db)
     assert rep.ok, [f.message for f in rep.errors]
+    from retrodb.data import RetroDataset
+
+    items = list(RetroDataset(db, seq_len=128, k=2))
+    assert items and not {n for x in items for n in x["neighbour_ids"].flatten().tolist()} & removed
     # a neighbours file that still names a removed chunk is an error
     seg = next(iter(retrodb.open(db).snapshot.segments.values()))
     src = db / seg["files"]["neighbours"]["path"]
