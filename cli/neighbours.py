@@ -20,7 +20,6 @@ def neighbours(
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="hnswlib search threads per worker (default: cores / workers).", min=1)] = None,
     executor: Annotated[str, typer.Option(help="local (this machine) or ray.")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --executor ray.")] = None,
-    commit_every: Annotated[int, typer.Option(help="Commit after this many finished segments (and at the end).", min=1)] = 16,
     wait: WaitOpt = 0,
     fmt: FormatOpt = Format.human,
 ) -> None:
@@ -46,8 +45,7 @@ def neighbours(
     out = Output(fmt.value)
     with out.progress("neighbours", unit="chunks") as progress:
         report = compute_neighbours(db, k, ef=ef, margin=margin, refresh=refresh, workers=workers, threads=threads,
-                                    executor=executor, ray_address=ray_address, commit_every=commit_every,
-                                    wait=wait, progress=progress)
+                                    executor=executor, ray_address=ray_address, wait=wait, progress=progress)
     st = status(retrodb.open(db).snapshot)
     if out.json:
         out.record({**report.to_dict(), "status": st})

@@ -15,10 +15,10 @@ without recomputing: the `neighbours` SQL view and `retrodb.data` do so.
 Incremental: a run computes only segments without neighbours (those an `add` or a
 compaction without carried neighbours brought); older segments keep theirs, and
 `stats`/`verify` say how stale they are (segments added since). `refresh` recomputes
-all. Files are named by what they were computed from (parameters, and the identity of
-every searched segment's keys, index and tombstones), so a file published by a run
-that died before its commit is picked up by the rerun, not recomputed; finished
-segments are committed in groups as the run goes.
+all. A run commits once, at its end. Files are named by what they were computed from
+(parameters, and the identity of every searched segment's keys, index and tombstones),
+and each is published when its segment is done, so a run killed before its commit
+leaves them for the rerun, which picks them up instead of recomputing them.
 
 Compaction carries the rows of the kept chunks into the new segment (ranks
 renumbered); redaction rewrites every neighbours file that names a removed chunk, on
@@ -46,7 +46,6 @@ DEFAULT_K = 2
 DEFAULT_EF = 64
 BLOCK = 4096  # query chunks searched per batch (hnswlib parallelises over a batch)
 ROW_GROUP = 1 << 16  # rows per Parquet row group: readers fetch one group for one chunk's neighbours
-DEFAULT_COMMIT_EVERY = 16  # segments per commit: a crash loses at most this many
 PREFIX = "neighbours-"
 
 
@@ -60,7 +59,7 @@ class NeighboursReport:
     resumed_segments: int = 0  # files found published by an interrupted run
     up_to_date: int = 0  # segments that already had neighbours (not recomputed)
     exact_segments: list[str] = field(default_factory=list)  # searched exactly (no index)
-    commits: int = 0
+    committed: bool = False  # the run's one commit (none when nothing changed)
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -280,22 +279,23 @@ def neighbours_is_current(seg: dict, params: dict) -> bool:
 
 def compute_neighbours(root: str | Path, k: int = DEFAULT_K, *, ef: int | None = None, margin: int | None = None,
                        refresh: bool = False, workers: int | None = None, threads: int | None = None,
-                       executor: str = "local", ray_address: str | None = None,
-                       commit_every: int = DEFAULT_COMMIT_EVERY, wait: float = 0.0, progress=None) -> NeighboursReport:
-    """Compute and commit the neighbours of every segment that has none (every segment with `refresh`).
+                       executor: str = "local", ray_address: str | None = None, wait: float = 0.0,
+                       progress=None) -> NeighboursReport:
+    """Compute the neighbours of every segment that has none (every segment with `refresh`), and commit them
+    all in ONE snapshot: a reader sees every segment's new neighbours or none.
 
     `k` neighbours are what training reads; `margin` (default 2k) are stored so that deletions can be
     filtered at read time. `ef` is the HNSW search breadth. `workers` processes (default 1: one process
-    whose hnswlib search uses `threads` threads, default all cores), or `executor="ray"`.
+    whose hnswlib search uses `threads` threads, default all cores), or `executor="ray"`. Each finished
+    segment's file is published as it is done, so a killed run's rerun computes only what was left.
     """
     from .database import Database
-    from .executor import default_workers, make_executor, run_keeping_finished
+    from .executor import default_workers, make_executor
 
     started = time.perf_counter()
     params = check_params(k, margin, ef)
     if executor not in ("local", "ray"):
         raise RetrodbError(f"unknown --executor {executor!r}: use local or ray")
-    commit_every = max(1, commit_every)
     db = Database(root)
     with db.writer("neighbours", wait=wait) as w:
         base = w.base
@@ -322,18 +322,6 @@ def compute_neighbours(root: str | Path, k: int = DEFAULT_K, *, ef: int | None =
         meta = {**params, "computed_at": base.version, "watermark": base.data["next_segment"]}
         pending: dict[str, dict] = {}
 
-        def commit() -> None:
-            data = w.base.derive("neighbours")
-            data["config"]["neighbours"] = params
-            for name, record in pending.items():
-                data["segments"][name]["files"]["neighbours"] = record
-                data["segments"][name]["neighbours"] = dict(meta)
-            faults.point("neighbours.before_commit")
-            w.commit(data)
-            report.segments.extend(sorted(pending))
-            report.commits += 1
-            pending.clear()
-
         def on_result(result: dict) -> None:
             seg = w.base.segments[result["segment"]]
             if (seg["files"].get("neighbours") or {}).get("path") == result["record"]["path"] \
@@ -343,18 +331,23 @@ def compute_neighbours(root: str | Path, k: int = DEFAULT_K, *, ef: int | None =
             pending[result["segment"]] = result["record"]
             report.chunks += result["chunks"]
             report.resumed_segments += int(result["resumed"])
-            if len(pending) >= commit_every:
-                commit()
 
         n_workers = workers or 1
         if threads is None:
             threads = max(1, default_workers() // n_workers)
         stage = NeighboursStage(w.root, base.data, params, threads)
         on_progress = (lambda c: progress({**c, "advance": c.get("chunks", 0)})) if progress is not None else None
-        run_keeping_finished(make_executor(executor, n_workers, ray_address), stage, todo, on_result, on_progress,
-                             pending, commit)
+        make_executor(executor, n_workers, ray_address).run(stage, todo, on_result=on_result, on_progress=on_progress)
         if pending or recorded != params:
-            commit()
+            data = w.base.derive("neighbours")
+            data["config"]["neighbours"] = params
+            for name, record in pending.items():
+                data["segments"][name]["files"]["neighbours"] = record
+                data["segments"][name]["neighbours"] = dict(meta)
+            faults.point("neighbours.before_commit")
+            w.commit(data)
+            report.segments = sorted(pending)
+            report.committed = True
         report.version = w.base.version
     report.seconds = time.perf_counter() - started
     return report
