@@ -289,3 +289,19 @@ def test_redaction_killed_while_purging_neighbours_finishes_on_rerun(db, kill_at
         assert not (set(t["chunk_id"].to_pylist()) | set(t["neighbour_chunk_id"].to_pylist())) & removed, path
     rep = verify(db)
     assert rep.ok and not rep.warnings, [f.message for f in rep.findings]
+
+
+def test_small_segments_merge_only_with_segments_of_the_same_neighbours(db, tmp_path):
+    from retrodb.add import add
+    from retrodb.compact import compact
+    from retrodb.ingest import IngestOptions
+
+    compute_neighbours(db, 2)
+    add(db, [str(write_jsonl(tmp_path / "new.jsonl", [f"n{i}" for i in range(4)], seed=700))],
+        IngestOptions(workers=1, segment_bytes=2000))
+    compact(db, 0.2, 1000, workers=1)  # every segment is small: merge by shape
+    snap = retrodb.open(db).snapshot
+    with_nb = [n for n, s in snap.segments.items() if "neighbours" in s["files"]]
+    assert with_nb and status(snap)["missing"]  # old segments merged keeping theirs; the new ones apart
+    assert status(snap)["missing_chunks"] == retrodb.open(db).sql(
+        "SELECT count(*) FROM chunks WHERE doc_id LIKE 'n%'").column(0)[0].as_py()
