@@ -5,6 +5,9 @@
     python bench/bench_neighbours.py --chunks 100000   # a bigger database for the quality part
 
 Parts (each prints a Markdown table):
+- real: the demo corpus (Python's documentation topics) and the standard library's docstrings,
+  embedded with the bundled MiniLM: speed against bare knn_query and recall, as below, on real text
+  (documents of very different lengths; long ones make the own-document exclusion search deeper).
 - quality: a synthetic database (bench/synthetic.py: clustered float16 keys, a document's 16 chunks
   share a cluster, so a chunk's nearest keys are mostly its own document's and the exclusion is
   exercised hard), HNSW indexes at the defaults (M=32, ef_construction=200). `retrodb neighbours`
@@ -170,6 +173,41 @@ def bench_quality(chunks: int) -> str:
                      "same-doc rows"], rows))
 
 
+def bench_real() -> str:
+    """Recall on real text: the demo corpus (Python's documentation topics) and the standard library's
+    docstrings (as bench_query.py builds them), with the bundled MiniLM keys."""
+    from bench_query import stdlib_docstrings
+
+    from retrodb.demo_corpus import write_demo_corpus
+    from retrodb.embed import embed
+    from retrodb.index import index
+    from retrodb.ingest import IngestOptions, ingest
+
+    db = OUT / "nb-real-stdlib"
+    if not ((db / "CURRENT").exists() and retrodb.open(db).config.get("index")):
+        shutil.rmtree(db, ignore_errors=True)
+        corpus = OUT / "nb-real-corpus"
+        shutil.rmtree(corpus, ignore_errors=True)
+        write_demo_corpus(corpus / "demo")
+        stdlib_docstrings(corpus / "stdlib")
+        ingest(db, [str(corpus)], IngestOptions(workers=2, segment_bytes=1_000_000))
+        embed(db)
+        index(db)
+    threads = default_workers()
+    rows = []
+    for ef in (16, 32, 64):
+        mine, bare, run = paired(db, ef, threads)
+        q = exact_recall(run, sample=2000)
+        rows.append([ef, f"{mine:,.0f}", f"{bare:,.0f}", f"{mine / bare:.2f}", f"{q['recall@2']:.4f}",
+                     f"{q['recall@4']:.4f}", q["same_doc_rows"]])
+    snap = retrodb.open(db).snapshot
+    return (f"### Real text: demo corpus + stdlib docstrings, {snap.totals()['chunks']:,} chunks in "
+            f"{len(snap.segments)} segments, "
+            f"MiniLM keys (dim 384), {threads} threads\n\n"
+            + table(["ef", "neighbours chunks/s", "bare knn_query chunks/s", "ratio", "recall@2", "recall@4",
+                     "same-doc rows"], rows))
+
+
 def bench_segments(chunks: int) -> str:
     threads = default_workers()
     rows = []
@@ -201,17 +239,17 @@ MEMORY = r"""
 import json, resource, sys, time
 import numpy as np
 from retrodb.data import RetroDataset, RetroIterableDataset
-db, mode = sys.argv[1], sys.argv[2]
+db, mode, cache = sys.argv[1], sys.argv[2], int(sys.argv[3])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 if mode == "iterable":
     n = 0
-    for item in RetroIterableDataset(db, seq_len=512, k=2):
+    for item in RetroIterableDataset(db, seq_len=512, k=2, cache_groups=cache):
         n += 1
         if n == 2000:
             break
 else:
-    ds = RetroDataset(db, seq_len=512, k=2)
+    ds = RetroDataset(db, seq_len=512, k=2, cache_groups=cache)
     for i in np.random.default_rng(0).integers(0, len(ds), 2000):
         ds[int(i)]
     n = 2000
@@ -227,32 +265,37 @@ def bench_memory(sizes: list[int]) -> str:
                           index_params={"M": 16, "ef_construction": 100})
         if not retrodb.open(db).config.get("neighbours"):
             compute_neighbours(db, 2, ef=32)
-        row = [f"{chunks:,}", len(retrodb.open(db).snapshot.segments)]
-        for mode in ("iterable", "map"):
-            out = subprocess.run([sys.executable, "-c", MEMORY, str(db), mode], capture_output=True, text=True,
-                                 cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), check=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            row += [f"{r['peak_mb']:.0f}", f"{r['items_per_s']:,.0f}"]
-        rows.append(row)
-    return ("### Dataset memory: peak RSS of a fresh process reading 2,000 items (seq_len 512, k 2)\n\n"
-            + table(["chunks", "segments", "iterable peak MB", "iterable items/s", "map-style peak MB",
-                     "map-style items/s"], rows))
+        for cache in (16, 128):
+            row = [f"{chunks:,}", len(retrodb.open(db).snapshot.segments), cache]
+            for mode in ("iterable", "map"):
+                out = subprocess.run([sys.executable, "-c", MEMORY, str(db), mode, str(cache)], capture_output=True,
+                                     text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                                     check=True).stdout
+                r = json.loads(out.strip().splitlines()[-1])
+                row += [f"{r['peak_mb']:.0f}", f"{r['items_per_s']:,.0f}"]
+            rows.append(row)
+    return ("### Dataset memory: peak RSS of a fresh process reading 2,000 items (seq_len 512, k 2), by the\n"
+            "number of decoded row groups cached (`cache_groups`; 128 is the default)\n\n"
+            + table(["chunks", "segments", "cache groups", "iterable peak MB", "iterable items/s",
+                     "map-style peak MB", "map-style items/s"], rows))
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["quality", "segments", "workers", "memory"], action="append")
+    p.add_argument("--only", choices=["real", "quality", "segments", "workers", "memory"], action="append")
     p.add_argument("--chunks", type=int, default=50_000)
-    p.add_argument("--memory-sizes", type=int, nargs="+", default=[25_000, 100_000, 400_000])
+    p.add_argument("--memory-sizes", type=int, nargs="+", default=[25_000, 100_000, 400_000, 1_600_000])
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
-    parts = a.only or ["quality", "segments", "workers", "memory"]
+    parts = a.only or ["real", "quality", "segments", "workers", "memory"]
     load = os.getloadavg()[0]
     print(f"machine: {default_workers()} cores, load average {load:.1f} at start"
           + (" (busy: figures provisional)" if load > default_workers() / 2 else ""))
     for part in parts:
         t = time.perf_counter()
-        if part == "quality":
+        if part == "real":
+            print(bench_real())
+        elif part == "quality":
             print(bench_quality(a.chunks))
         elif part == "segments":
             print(bench_segments(a.chunks))

@@ -15,9 +15,10 @@ document, from `exclude_docs`, nor, for the training split, from a validation do
 of the document id (sha256), the same on every machine.
 
 Reading is by chunk id: the Parquet row group whose chunk_id statistics hold an id is
-read and kept in a small LRU cache, so memory is bounded by the cache, not by the
-database (the map-style dataset also keeps an index of its documents, 20 bytes each;
-the iterable one streams them).
+read and kept in an LRU cache of `cache_groups` decoded groups (default 128, about
+0.5-1 MB each), so memory is bounded by the cache, not by the database (the map-style
+dataset also keeps an index of its documents, about 20 bytes each plus the ids; the
+iterable one streams them). DataLoader workers each get their own cache.
 
 An item (m = the chunk size, C = seq_len / m; pad id 0, masks say what is real):
     input_ids       int64 (seq_len,)      tokens[s : s+seq_len] of one document, s a multiple of m
@@ -237,7 +238,7 @@ class _Windows:
     """Shared by the two datasets: the snapshot, its stores, and how one item is assembled."""
 
     def __init__(self, db, seq_len: int, k: int, split: str | None, val_fraction: float, at: int | None,
-                 exclude_docs=()):
+                 exclude_docs=(), cache_groups: int = CACHE_GROUPS):
         self.db = _open(db, at)
         snap = self.db.snapshot
         self.m = snap.chunk_size
@@ -261,7 +262,7 @@ class _Windows:
         if stored_k < k:
             raise RetrodbError(f"the stored neighbours have k={stored_k}, fewer than the k={k} asked for",
                                hint=f"run: retrodb neighbours {self.db.root} --refresh --k {k}")
-        self.store = ChunkStore(snap)
+        self.store = ChunkStore(snap, cache_groups)
         self._nb: dict[str, _Groups] = {}
         self._split_cache: dict[str, bool] = {}
 
@@ -376,10 +377,10 @@ class RetroDataset(torch.utils.data.Dataset):
     kept documents (about 20 bytes each plus the id strings); `RetroIterableDataset` streams them instead."""
 
     def __init__(self, db, *, seq_len: int = 512, k: int = 2, split: str | None = None, val_fraction: float = 0.02,
-                 at: int | None = None, exclude_docs=()):
+                 at: int | None = None, exclude_docs=(), cache_groups: int = CACHE_GROUPS):
         import pyarrow as pa
 
-        self.w = _Windows(db, seq_len, k, split, val_fraction, at, exclude_docs)
+        self.w = _Windows(db, seq_len, k, split, val_fraction, at, exclude_docs, cache_groups)
         seg_idx, firsts, counts, doc_ids = [], [], [], []
         names = sorted(self.w.db.snapshot.segments)
         for i, name in enumerate(names):
@@ -415,8 +416,8 @@ class RetroIterableDataset(torch.utils.data.IterableDataset):
     Under a DataLoader with several workers, each worker yields every num_workers-th document."""
 
     def __init__(self, db, *, seq_len: int = 512, k: int = 2, split: str | None = None, val_fraction: float = 0.02,
-                 at: int | None = None, exclude_docs=()):
-        self.w = _Windows(db, seq_len, k, split, val_fraction, at, exclude_docs)
+                 at: int | None = None, exclude_docs=(), cache_groups: int = CACHE_GROUPS):
+        self.w = _Windows(db, seq_len, k, split, val_fraction, at, exclude_docs, cache_groups)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

@@ -45,6 +45,7 @@ from .stages.base import Stage
 DEFAULT_K = 2
 DEFAULT_EF = 64
 BLOCK = 4096  # query chunks searched per batch (hnswlib parallelises over a batch)
+FIRST_FETCH = 28  # own-segment results fetched beyond the margin at first (then 4x wider where too few)
 ROW_GROUP = 1 << 16  # rows per Parquet row group: readers fetch one group for one chunk's neighbours
 PREFIX = "neighbours-"
 
@@ -228,32 +229,32 @@ class NeighboursStage(Stage):
             if seg.name == own_name or seg.live == 0:
                 continue
             others.append(self._search(searcher, seg, q, min(margin, seg.live), ef))
-        own = segs[own_name]
-        out_ids = np.full((len(q), margin), -1, dtype=np.int64)
-        out_sc = np.full((len(q), margin), -np.inf, dtype=np.float32)
-        # own segment: fetch enough to still have `margin` after dropping the whole own document
-        doc_len = (hi - lo).astype(np.int64)
-        width = np.minimum(margin + (1 << np.ceil(np.log2(np.maximum(doc_len, 1))).astype(np.int64)), own.live)
-        for m in np.unique(width):
-            g = np.flatnonzero(width == m)
-            parts = [(lab[g], sc[g]) for lab, sc in others]
-            if m > 0:
-                lab, sc = self._search(searcher, own, q[g], int(m), ef)
-                same = (lab >= lo[g, None]) & (lab < hi[g, None])
-                parts.append((lab, np.where(same, -np.inf, sc)))
-            if not parts:
-                continue
-            lab = np.concatenate([p[0] for p in parts], axis=1)
-            sc = np.concatenate([p[1] for p in parts], axis=1).astype(np.float32)
-            sc[(lab < 0) | ~np.isfinite(sc)] = -np.inf
-            order = np.lexsort((lab, -sc), axis=1)[:, :margin]
-            top_l = np.take_along_axis(lab, order, axis=1)
-            top_s = np.take_along_axis(sc, order, axis=1)
-            valid = np.isfinite(top_s)
-            w = top_l.shape[1]
-            out_ids[g, :w] = np.where(valid, top_l, -1)
-            out_sc[g, :w] = np.where(valid, top_s, -np.inf)
-        return out_ids, out_sc
+        parts = others + [self._own(searcher, segs[own_name], q, lo, hi)]
+        lab = np.concatenate([p[0] for p in parts], axis=1)
+        sc = np.concatenate([p[1] for p in parts], axis=1).astype(np.float32)
+        return _top(lab, sc, margin)
+
+    def _own(self, searcher, own, q: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+        """The `margin` best chunks of the query's own segment outside its own document, [n, margin].
+
+        A chunk's own document is excluded exactly: fetch margin + FIRST_FETCH (or margin + the document's
+        length, if smaller: then one pass always suffices), drop the document's chunks, and fetch again, 4x
+        wider, for the rows left with fewer than margin (never wider than margin + the document's length,
+        which passes the whole document). Most rows finish in the first pass."""
+        margin, ef = self.params["margin"], self.params["ef"]
+        out_l = np.full((len(q), margin), -1, dtype=np.int64)
+        out_s = np.full((len(q), margin), -np.inf, dtype=np.float32)
+        rows = np.arange(len(q))
+        need = np.minimum(margin + (hi - lo), own.live)  # wide enough to pass the whole document
+        m = int(min(need.max(initial=0), margin + FIRST_FETCH))
+        while len(rows) and m > 0:
+            lab, sc = self._search(searcher, own, q[rows], m, ef)
+            sc = np.where((lab >= lo[rows, None]) & (lab < hi[rows, None]), -np.inf, sc)
+            done = (np.isfinite(sc).sum(axis=1) >= margin) | (m >= need[rows])
+            out_l[rows[done]], out_s[rows[done]] = _top(lab[done], sc[done], margin)
+            rows = rows[~done]
+            m = min(4 * m, own.live)
+        return out_l, out_s
 
     def _search(self, searcher, seg, q: np.ndarray, m: int, ef: int):
         """(labels, scores) [n, m] of one segment; deleted chunks and missing results have score -inf."""
@@ -267,6 +268,20 @@ class NeighboursStage(Stage):
         dead = seg.deleted(lab.ravel()).reshape(lab.shape)
         sc[dead] = -np.inf
         return lab, sc
+
+
+def _top(lab: np.ndarray, sc: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the `width` best (label, score) pairs, best first, ties by label; -1 / -inf where fewer."""
+    sc = np.where((lab < 0) | ~np.isfinite(sc), -np.inf, sc).astype(np.float32)
+    order = np.lexsort((lab, -sc), axis=1)[:, :width]
+    top_l = np.take_along_axis(lab, order, axis=1)
+    top_s = np.take_along_axis(sc, order, axis=1)
+    out_l = np.full((len(lab), width), -1, dtype=np.int64)
+    out_s = np.full((len(lab), width), -np.inf, dtype=np.float32)
+    valid = np.isfinite(top_s)
+    out_l[:, : top_l.shape[1]] = np.where(valid, top_l, -1)
+    out_s[:, : top_s.shape[1]] = np.where(valid, top_s, -np.inf)
+    return out_l, out_s
 
 
 # ---------------------------------------------------------------- the command
