@@ -112,6 +112,9 @@ def sql(
         for row in table.to_pylist():
             out.record(row)
         return
+    if not table.column_names:
+        out.say("(the statement returned no rows)")
+        return
     rows = table.slice(0, limit).to_pylist()
     out.table(table.column_names, [[_short(v) for v in r.values()] for r in rows])
     if table.num_rows > limit:

@@ -40,18 +40,18 @@ def query(
       retrodb query my-db "exceptions" --exact --at 3      # brute force, on snapshot 3
     """
     import retrodb
-    from retrodb.errors import RetrodbError
+    from retrodb.errors import UsageError
 
     out = Output(fmt.value)
     queries = list(texts or [])
     if queries == ["-"] or file is not None:
         if file is not None and queries:
-            raise RetrodbError("give query texts or --file, not both")
+            raise UsageError("give query texts or --file, not both")
         queries = read_queries(file or "-")
     if chunk_id and queries:
-        raise RetrodbError("give query texts or --chunk-id, not both")
+        raise UsageError("give query texts or --chunk-id, not both")
     if not chunk_id and not queries:
-        raise RetrodbError("empty query: nothing to search for",
+        raise UsageError("empty query: nothing to search for",
                            hint=f'retrodb query {db} "some text" (or --file FILE, or --chunk-id N)')
     handle = retrodb.open(db, at=at)
     results = handle.query(None if chunk_id else queries, k, ef=ef, exact=exact, exclude_doc=exclude_doc,
@@ -62,9 +62,9 @@ def query(
             out.record(r.to_dict())
             continue
         title = f"chunk {r.chunk_id}: {_short(r.query, 120)}" if r.chunk_id is not None else f"query: {_short(r.query, 120)}"
-        out.table(["rank", "score", "doc_id", "pos", "chunk", "continuation"],
-                  [[n.rank, f"{n.score:.4f}", n.doc_id, n.position, _flat(n.text), _flat(n.continuation or "—")]
-                   for n in r.neighbours], title=title)
+        out.table(["rank", "score", "chunk_id", "doc_id", "pos", "chunk", "continuation"],
+                  [[n.rank, f"{n.score:.4f}", n.chunk_id, n.doc_id, n.position, _flat(n.text),
+                    _flat(n.continuation or "—")] for n in r.neighbours], title=title)
 
 
 def read_queries(path: str) -> list[str]:

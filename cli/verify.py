@@ -50,12 +50,10 @@ def verify(
     else:
         for f in report.findings:
             where = f" ({f.path})" if f.path else ""
-            if f.level == "error":
-                out.err.print(f"[red]error[/] [{f.check}] {f.message}{where}", highlight=False, markup=True)
-            else:
-                out.warn(f"[{f.check}] {f.message}{where}")
+            (out.error if f.level == "error" else out.warn)(f"[{f.check}] {f.message}{where}")
         status = "OK" if report.ok else f"FAILED: {len(report.errors)} error(s)"
-        out.say(f"{db} @ v{report.version}: {status}; {report.segments} segments, {report.files} files, "
+        at = f"v{report.version}" if report.version >= 0 else "no readable current snapshot"
+        out.say(f"{db} @ {at}: {status}; {report.segments} segments, {report.files} files, "
                 f"{report.bytes:,} bytes checked ({'sizes' if quick else 'sha256'}), "
                 f"{len(report.warnings)} warning(s), {report.seconds:.1f}s")
     if not report.ok:
