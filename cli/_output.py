@@ -31,6 +31,7 @@ class Output:
         self.json = fmt == "json"
         self.out = _console()
         self.err = _console(stderr=True)
+        self._blocks = 0  # tables and record blocks printed so far (a blank line separates them)
 
     def record(self, obj: Any) -> None:
         """One JSON object on its own line (JSON mode only)."""
@@ -45,6 +46,7 @@ class Output:
         if sum(widths) + 3 * len(columns) + 1 > self.out.width:
             self.records(columns, rows, title)
             return
+        self._blocks += 1
         t = Table(title=Text(title) if title else None, title_justify="left")
         for c in columns:
             t.add_column(Text(c), overflow="fold")
@@ -54,6 +56,9 @@ class Output:
 
     def records(self, columns: list[str], rows: Iterable[Iterable[Any]], title: str | None = None) -> None:
         """One block per row: `column = value` lines, column names right-aligned, a blank line between rows."""
+        if self._blocks:
+            self.out.print()
+        self._blocks += 1
         if title:
             self.out.print(Text(title, style="bold"))
         width = max((cell_len(c) for c in columns), default=0)

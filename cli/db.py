@@ -56,7 +56,8 @@ def stats(db: DbArg, at: AtOpt = None, fmt: FormatOpt = Format.human) -> None:
     if s["per_segment"]:
         out.table(["segment", "documents", "chunks", "tokens", "deleted chunks", "bytes", "files"],
                   [[p["segment"], f"{p['documents']:,}", f"{p['chunks']:,}", f"{p['tokens']:,}",
-                    f"{p['deleted_chunks']:,}", f"{p['bytes']:,}", ", ".join(p["files"])] for p in s["per_segment"]])
+                    f"{p['deleted_chunks']:,}", f"{p['bytes']:,}", ", ".join(p["files"])] for p in s["per_segment"]],
+                  title="segments")
 
 
 def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
@@ -76,7 +77,7 @@ def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
             out.record(r)
         return
     out.table(["version", "created", "command", "documents", "chunks", "tokens", "segments"],
-              [[("* " if r["current"] else "") + str(r["version"]), r["created"], r["command"], f"{r['documents']:,}",
+              [[str(r["version"]) + (" (current)" if r["current"] else ""), r["created"], r["command"], f"{r['documents']:,}",
                 f"{r['chunks']:,}", f"{r['tokens']:,}", r["segments"]] for r in rows])
 
 
