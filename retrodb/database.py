@@ -77,10 +77,11 @@ class Database:
                 if not exist_ok:
                     raise RetrodbError(f"{root} is already a retrodb database",
                                        hint=f"inspect it with: retrodb stats {root}")
-            else:
-                ours = {"LOCK", snap.SEGMENTS, snap.MANIFESTS}
-                other = sorted(p.name for p in root.iterdir() if p.name not in ours
-                               or (p.is_dir() and any(p.iterdir())))
+            else:  # only what an interrupted create leaves may be there: LOCK, empty segments/, manifest v0
+                leftovers = {snap.SEGMENTS: set(), snap.MANIFESTS: {snap.manifest_name(0)}}
+                other = sorted(p.name for p in root.iterdir() if p.name != "LOCK" and (
+                    p.name not in leftovers or not p.is_dir()
+                    or any(not (q.name in leftovers[p.name] or q.name.startswith(TMP_PREFIX)) for q in p.iterdir())))
                 if other:
                     raise RetrodbError(f"{root} exists and is not empty ({', '.join(other[:5])}); refusing to create a "
                                        "database there", hint="give a new or empty directory")

@@ -322,10 +322,14 @@ def plan_pieces(sources: list[str], fmt: str, target: int, opts: ReadOptions | N
                     continue
                 add_file(f.absolute(), f.relative_to(folder).as_posix(), explicit=False)
 
-    if "-" in sources and len(sources) > 1:
+    if "-" in sources:
         from .errors import UsageError
 
-        raise UsageError("- (stdin) must be the only source", hint="ingest the files in a separate command")
+        if len(sources) > 1:
+            raise UsageError("- (stdin) must be the only source", hint="ingest the files in a separate command")
+        if fmt == "parquet":
+            raise UsageError("stdin is read as JSONL, or as one text document with --format text; not as Parquet",
+                             hint="give the Parquet file's path")
     for src in sources:
         if src == "-":
             pieces.append(Piece("text" if fmt == "text" else "lines", "<stdin>"))

@@ -192,3 +192,12 @@ def test_readme_example_as_a_script(tmp_path, guarded):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "documents 12"
     assert ("runs in this process" in proc.stderr) == (not guarded), proc.stderr
+
+
+def test_a_create_killed_before_current_is_finished_by_the_rerun(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", ["a0", "a1"])
+    proc = run_retrodb("ingest", tmp_path / "db", src, env={"RETRODB_KILL_AT": "commit.before_current"})
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "db" / "CURRENT").exists()
+    proc = run_retrodb("ingest", tmp_path / "db", src)  # the leftovers of the create are not "not empty"
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert retrodb.open(tmp_path / "db").stats()["documents"] == 2

@@ -160,6 +160,7 @@ def test_version_chunk_id_json_and_grace(cli, markup_db, tmp_path):
     ("sql", "{db}", ""),
     ("vacuum", "{db}", "--grace", "5x", "--yes"),
     ("ingest", "{db}", "-", "{db}"),
+    ("ingest", "{db}", "-", "--format", "parquet"),
     ("query", "{db}", "x", "-k", "0"),
 ])
 def test_usage_errors_exit_2(cli, markup_db, args):
