@@ -107,6 +107,10 @@ def sql(
     try:
         table = retrodb.open(db, at=at).sql(query)
     except duckdb.Error as exc:
+        from retrodb.database import undecodable
+
+        if type(exc) in (duckdb.Error, duckdb.IOException, duckdb.SerializationException, duckdb.InternalException):
+            raise undecodable(exc, Path(db), "sql") from None  # a database file DuckDB could not decode
         raise RetrodbError(f"SQL error: {exc}".splitlines()[0], hint="the views are documents, chunks, segments") from None
     out = Output(fmt.value)
     if out.json:

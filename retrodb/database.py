@@ -369,7 +369,7 @@ def undecodable(exc: Exception, root: Path | None, command: str) -> CorruptDatab
     if not library and not (isinstance(exc, OSError) and exc.errno is None):  # pyarrow raises bare OSErrors
         return None
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    m = re.search(r"(\S*?)/?(segments/seg-\d+/[^\s\"':]+)", str(exc))
+    m = re.search(r"(\S*?)/?(segments/seg-\d+/[\w.-]+\.(?:parquet|npy|hnsw))", text)  # not DuckDB's LINE context
     if root is None and m and m.group(1):
         root = Path(m.group(1))
     what = f"cannot read {m.group(2)}" if m else "a database file cannot be decoded"

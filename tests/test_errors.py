@@ -105,6 +105,8 @@ def test_corrupt_segment_file_under_query_and_redact(cli, db):
     assert clear(r, f"cannot read {rel}", f"retrodb verify {db}"), r.err
     r = cli("redact", db, "--literal", "retrieval", "--yes")
     assert clear(r, "retrodb verify"), r.err
+    r = cli("sql", db, "SELECT sum(num_tokens) FROM chunks")
+    assert clear(r, "cannot be decoded", f"retrodb verify {db}") and "SQL error" not in r.err, r.err
     r = cli("verify", db)
     assert clear(r, rel)
 
