@@ -39,8 +39,6 @@ def neighbours(
       retrodb neighbours my-db --refresh            # after many adds: recompute everything
       retrodb sql my-db "SELECT * FROM neighbours WHERE rank <= 2 LIMIT 6"
     """
-    from rich.markup import escape
-
     import retrodb
     from retrodb.neighbours import compute_neighbours, describe, status
 
@@ -63,7 +61,7 @@ def neighbours(
         out.say(f"nothing to do: every segment has neighbours (v{report.version}); --refresh recomputes them")
     if report.exact_segments:
         out.warn(f"{len(report.exact_segments)} segment(s) have no index and were searched exactly (slow); "
-                 f"run: retrodb index {escape(str(db))}")
+                 f"run: retrodb index {db}")
     out.say(f"neighbours: {describe(st)}")
 
 
