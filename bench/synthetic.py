@@ -31,7 +31,7 @@ from retrodb.database import Database  # noqa: E402
 from retrodb.embedder import HashEmbedder  # noqa: E402
 from retrodb.readers import Document  # noqa: E402
 from retrodb.segment import SegmentWriter  # noqa: E402
-from retrodb.snapshot import segment_name  # noqa: E402
+from retrodb.snapshot import Segment, segment_name  # noqa: E402
 from retrodb.tokenizer import ChunkedBatch  # noqa: E402
 
 CHUNK_TOKENS = 64
@@ -128,15 +128,14 @@ def build(root: str | Path, chunks: int, *, segments: int = 1, dim: int = 128, c
     vocab = _vocabulary(rng)
     per = [chunks // segments + (i < chunks % segments) for i in range(segments)]
     with db.writer("synthetic") as w:
-        data = w.base.derive("synthetic")
-        data["config"]["embedder"] = HashEmbedder(dim).identity()
-        first = data["next_segment"]
+        edit = w.edit("synthetic")
+        edit.config["embedder"] = HashEmbedder(dim).identity()
+        first = edit.next_segment
         for i, n in enumerate(per):
-            data["segments"][segment_name(first + i)] = _segment(
-                root, first + i, n, chunks_per_doc, dim, data["config"]["tokenizer"]["token_type"], cent, vocab, rng)
+            edit.put(Segment.from_json(first + i, _segment(
+                root, first + i, n, chunks_per_doc, dim, edit.config["tokenizer"]["token_type"], cent, vocab, rng)))
             log(f"  segment {i + 1}/{segments}: {n:,} chunks ({time.perf_counter() - t0:.0f}s)")
-        data["next_segment"] = first + segments
-        w.commit(data)
+        w.commit(edit)
     timings = {"write_s": time.perf_counter() - t0}
     if index:
         from retrodb.index import index as run_index

@@ -36,17 +36,20 @@ def init(
         out.say(f"created {db} (chunk size {info['chunk_size']}, tokenizer {info['tokenizer']})")
 
 
-def stats(db: DbArg, at: AtOpt = None, fmt: FormatOpt = Format.human) -> None:
-    """Documents, chunks, tokens, segments and bytes of a snapshot.
+def stats(db: DbArg, at: AtOpt = None,
+          segments: Annotated[bool, typer.Option("--segments", help="Also list every segment (reads every group manifest: slow on a big database).")] = False,
+          fmt: FormatOpt = Format.human) -> None:
+    """Documents, chunks, tokens, segments, bytes and index units of a snapshot, from its root manifest.
 
     [bold]Examples[/]
 
       retrodb stats my-db
+      retrodb stats my-db --segments
       retrodb stats my-db --format json | jq .chunks
     """
     import retrodb
 
-    s = retrodb.open(db, at=at).stats()
+    s = retrodb.open(db, at=at).stats(segments=segments)
     out = Output(fmt.value)
     if out.json:
         out.record(s)
@@ -55,7 +58,7 @@ def stats(db: DbArg, at: AtOpt = None, fmt: FormatOpt = Format.human) -> None:
 
     out.kv([(k, f"{v:,}" if isinstance(v, int) else v) for k, v in s.items() if k not in ("per_segment", "neighbours")]
            + [("neighbours", describe(s["neighbours"]))], title=f"{db} @ v{s['version']}")
-    if s["per_segment"]:
+    if s.get("per_segment"):
         out.table(["segment", "documents", "chunks", "tokens", "deleted chunks", "bytes", "files"],
                   [[p["segment"], f"{p['documents']:,}", f"{p['chunks']:,}", f"{p['tokens']:,}",
                     f"{p['deleted_chunks']:,}", f"{p['bytes']:,}", ", ".join(p["files"])] for p in s["per_segment"]],

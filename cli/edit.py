@@ -157,6 +157,7 @@ def compact(
     min_deleted_ratio: Annotated[float, typer.Option(help="Rewrite a segment once this share of its chunks is deleted (0..1).", min=0.0, max=1.0)] = 0.2,
     target_segment_chunks: Annotated[int, typer.Option(help="Merge segments under half this many live chunks into segments of at most this many (0: never merge).", min=0)] = 262144,
     dry_run: DryRunOpt = False,
+    merge_indexes: Annotated[bool, typer.Option("--merge-indexes/--no-merge-indexes", help="Then merge the indexes of every full size tier into a shard (a second commit).")] = True,
     workers: WorkersOpt = None,
     wait: WaitOpt = 0,
     fmt: FormatOpt = Format.human,
@@ -166,7 +167,8 @@ def compact(
     Chunk ids stay the same; keys are carried over (no re-embedding); only the new
     segments' indexes are built. Untouched segments are not read. The old files stay
     for older snapshots until `retrodb vacuum`. An interrupted compaction resumes
-    when rerun.
+    when rerun. Then the index units of every full size tier merge into one shard
+    (LSM style, as `retrodb index --merge` does; --no-merge-indexes skips it).
 
     [bold]Examples[/]
 
@@ -179,7 +181,7 @@ def compact(
     out = Output(fmt.value)
     with (out.progress("compact", unit="chunks") if not dry_run else nullcontext()) as progress:
         report = run_compact(db, min_deleted_ratio, target_segment_chunks, dry_run=dry_run, workers=workers,
-                             wait=wait, progress=progress)
+                             wait=wait, merge_indexes=merge_indexes, progress=progress)
     if out.json:
         out.record(report.to_dict())
         return
@@ -188,6 +190,9 @@ def compact(
                   [[_segment_list(g.sources), g.reason, f"{g.live_chunks:,}", f"{g.dropped_chunks:,}",
                     g.to_dict()["new_segment"] or "(dropped)"] for g in report.groups],
                   title=f"compact {db} @ v{report.version}" + (" (dry run)" if dry_run else ""))
+    if report.merged:
+        out.say(f"committed v{report.version}: merged " + "; ".join(
+            f"{m['units']} index(es) of {m['segments']:,} segment(s) into {m['name']}" for m in report.merged))
     if not report.groups:
         out.say(f"nothing to compact (v{report.version}, {report.segments_before} segments)")
     elif dry_run:
@@ -199,7 +204,10 @@ def compact(
                 f"{report.bytes_written:,} bytes written, {report.seconds:.1f}s")
 
 
-def _segment_list(names: list[str]) -> str:
+def _segment_list(numbers: list[int]) -> str:
+    from retrodb.snapshot import segment_name
+
+    names = [segment_name(n) for n in numbers]
     return ", ".join(names) if len(names) <= 3 else f"{names[0]} .. {names[-1]} ({len(names)})"
 
 
@@ -208,6 +216,7 @@ def vacuum(
     retain: Annotated[Optional[int], typer.Option(help="Keep the N newest snapshots (default: 1, only the current one).", min=1)] = None,
     older_than: Annotated[Optional[str], typer.Option(help="Keep every snapshot that was current within this long, e.g. 12h, 7d (with --retain: keep what either keeps).")] = None,
     grace: Annotated[str, typer.Option(help="Always keep snapshots superseded less than this long ago, so readers that just opened them can finish.")] = "10m",
+    full: Annotated[bool, typer.Option("--full", help="Also walk every directory for files no retained snapshot references (strays no journal names; verify lists them). Costs a walk of the whole database.")] = False,
     dry_run: DryRunOpt = False,
     yes: YesOpt = False,
     wait: WaitOpt = 0,
@@ -217,7 +226,9 @@ def vacuum(
 
     The current snapshot is always kept, and so is any snapshot superseded less than
     --grace ago (default 10m). Removed snapshots can no longer be read with --at.
-    Asks for confirmation on a terminal; elsewhere --yes is required.
+    What is garbage is found from the removed snapshots (what they reference and the
+    retained ones do not), so its cost follows what is removed; --full also walks
+    every directory. Asks for confirmation on a terminal; elsewhere --yes is required.
 
     [bold]Examples[/]
 
@@ -231,14 +242,14 @@ def vacuum(
     out = Output(fmt.value)
     older = parse_duration(older_than) if older_than else None
     grace_s = parse_duration(grace)
-    report = run_vacuum(db, retain, older, grace_s, dry_run=True)
+    report = run_vacuum(db, retain, older, grace_s, dry_run=True, full=full)
     if not dry_run:
         if report.plan.files or report.plan.manifests:
             if not out.json:
                 _show_vacuum(out, report, db)
             confirm(yes, f"delete {len(report.plan.removed_versions)} snapshot(s) and free "
                                f"{report.plan.bytes:,} bytes?")
-        report = run_vacuum(db, retain, older, grace_s, wait=wait)  # with nothing to delete, it still cleans
+        report = run_vacuum(db, retain, older, grace_s, wait=wait, full=full)  # with nothing to delete, it still cleans
     if out.json:
         out.record(report.to_dict())
         return
@@ -258,7 +269,7 @@ def _show_vacuum(out: Output, report, db: Path) -> None:
     p = report.plan
     out.say(f"{db}: retain {', '.join(f'v{v}' for v in p.retained)}; remove {len(p.removed_versions)} snapshot(s) "
             f"({', '.join(f'v{v}' for v in p.removed_versions[:20])}{' ...' if len(p.removed_versions) > 20 else ''})"
-            f" and {len(p.files):,} segment file(s): {p.bytes:,} bytes")
+            f" and {len(p.files):,} file(s): {p.bytes:,} bytes")
 
 
 def register(app: typer.Typer) -> None:

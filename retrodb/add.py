@@ -26,7 +26,8 @@ from .database import Database
 from .errors import UsageError
 from .ingest import IngestOptions, IngestReport, check_something_ingested, job_key, stage_sources
 from .readers import plan_pieces
-from .stages.base import merge_result, segment_unit
+from .snapshot import Segment
+from .stages.base import segment_unit
 
 
 @dataclass
@@ -62,20 +63,19 @@ def add(root: str | Path, sources: list[str], opts: IngestOptions | None = None,
         embedder, index_builder = segment_finishers(w.base.config, device, batch_size)
         staged = stage_sources(w, job, pieces, plan_issues, opts, replace=replace, progress=progress, stdin=stdin)
         report = AddReport(staged.report, w.base.version)
-        if not staged.entries:  # nothing new (everything skipped): no commit
+        if not staged.segments:  # nothing new (everything skipped): no commit
             shutil.rmtree(staged.job_dir, ignore_errors=True)
             report.seconds = time.perf_counter() - started
             check_something_ingested(staged.report, sources)
             return report
         report.embedded_chunks, report.indexed_segments = finish_segments(
-            w, staged.job_dir, staged.entries, embedder, index_builder)
-        data = w.base.derive("add")
-        data["segments"].update(staged.entries)
-        data["next_segment"] = staged.next_segment
+            w, staged.job_dir, staged.segments, embedder, index_builder)
+        edit = w.edit("add")
+        staged.put_into(edit)
         if staged.replaced:
-            totals = tombstones.add(w, data, staged.replaced)
+            totals = tombstones.add(w, edit, staged.replaced)
             report.replaced, report.replaced_chunks = totals["documents"], totals["chunks"]
-        report.version = w.commit(data).version
+        report.version = w.commit(edit).version
         shutil.rmtree(staged.job_dir, ignore_errors=True)
     if embedder is None:
         report.notes.append("the database has no keys yet: the new documents are not embedded (run retrodb embed)")
@@ -97,21 +97,22 @@ def segment_finishers(config: dict, device: str = "auto", batch_size: int | None
     return embedder, index_builder
 
 
-def finish_segments(w, job_dir: Path, entries: dict[str, dict], embedder, index_builder) -> tuple[int, int]:
-    """Embed and index new, uncommitted segments (entries are updated with their files); returns
+def finish_segments(w, job_dir: Path, segments: dict[int, Segment], embedder, index_builder) -> tuple[int, int]:
+    """Embed and index new, uncommitted segments (`segments` is updated with their files); returns
     (chunks embedded, segments indexed)."""
     embedded = indexed = 0
     if embedder is not None:
         from .stages.embed import EmbedStage
 
         stage = EmbedStage(w.root, embedder, job_dir)  # partial keys resume from the job dir
-        for name, entry in sorted(entries.items()):
-            merge_result(entries, stage.run(segment_unit(name, entry)))
-            embedded += entry["chunks"]
+        for number, seg in sorted(segments.items()):
+            result = stage.run(segment_unit(seg))
+            segments[number] = seg.with_files(result["entry"]["files"])
+            embedded += seg.chunks
         faults.point("add.embedded")
     if embedder is not None and index_builder is not None:
-        for name, entry in sorted(entries.items()):
-            entry["files"]["index"] = index_builder(w.root, name, entry, w.base.config["index"])
+        for number, seg in sorted(segments.items()):
+            segments[number] = seg.with_files({"index": index_builder(w.root, seg, w.base.config["index"])})
             indexed += 1
         faults.point("add.indexed")
     return embedded, indexed

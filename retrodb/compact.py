@@ -23,15 +23,15 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import faults
 from .database import Database
 from .errors import UsageError
 from .executor import make_executor
-from .snapshot import Snapshot, segment_name
-from .stages.base import merge_result
+from .shards import merge_units
+from .snapshot import Segment, Snapshot, segment_name
 from .stages.compact import CompactStage
 
 DEFAULT_MIN_DELETED_RATIO = 0.2
@@ -40,7 +40,7 @@ DEFAULT_TARGET_SEGMENT_CHUNKS = 1 << 18  # about one 64 MB ingest segment of Eng
 
 @dataclass
 class CompactGroup:
-    sources: list[str]  # segments rewritten together
+    sources: list[int]  # numbers of the segments rewritten together
     reason: str  # "deleted" (tombstoned share), "merge" (small segments), "empty" (all deleted: dropped)
     live_chunks: int
     dropped_chunks: int
@@ -48,6 +48,7 @@ class CompactGroup:
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
+        d["sources"] = [segment_name(n) for n in self.sources]
         d["new_segment"] = segment_name(self.segment) if self.segment is not None else None
         del d["segment"]
         return d
@@ -63,6 +64,7 @@ class CompactReport:
     chunks_dropped: int = 0
     bytes_written: int = 0
     resumed_groups: int = 0
+    merged: list[dict] = field(default_factory=list)  # index shards built (merged) after the compaction
     dry_run: bool = False
     seconds: float = 0.0
 
@@ -79,28 +81,36 @@ def check_options(min_deleted_ratio: float, target_segment_chunks: int) -> None:
         raise UsageError("--target-segment-chunks must be 0 (no merging) or positive")
 
 
-def _shape(seg: dict) -> tuple:
+def _shape(seg: Segment) -> tuple:
     """What segments must share to merge: keys, index, and stored neighbours (so a merge never loses them)."""
-    keys = seg["files"].get("keys")
-    nb = seg.get("neighbours") if "neighbours" in seg["files"] else None
+    keys = seg.files.get("keys")
+    nb = seg.neighbours if "neighbours" in seg.files else None
     nb_params = tuple(nb.get(k) for k in ("k", "margin", "ef")) if nb else None
-    return (Path(keys["path"]).name if keys else None, "index" in seg["files"], nb_params)
+    return (Path(keys["path"]).name if keys else None, seg.indexed, nb_params)
 
 
 def plan_compaction(snapshot: Snapshot, min_deleted_ratio: float = DEFAULT_MIN_DELETED_RATIO,
                     target_segment_chunks: int = DEFAULT_TARGET_SEGMENT_CHUNKS) -> list[CompactGroup]:
-    """The groups of segments to rewrite, numbered from the snapshot's next free segment number."""
+    """The groups of segments to rewrite, numbered from the snapshot's next free segment number. Only the group
+    manifests whose summary holds a candidate (a segment deleted enough, or small enough to merge) are read."""
     check_options(min_deleted_ratio, target_segment_chunks)
     groups: list[CompactGroup] = []
-    dirty: set[str] = set()
+    dirty: set[int] = set()
     filling: dict[tuple, CompactGroup] = {}  # the merge group being filled, per shape
-    for name, seg in sorted(snapshot.segments.items()):
-        deleted = seg.get("deleted_chunks", 0)
-        live = seg["chunks"] - deleted
+    small = target_segment_chunks / 2 if target_segment_chunks > 0 else 0
+
+    def candidate(s: dict) -> bool:
+        return (s["min_live"] is not None and (s["min_live"] == 0 or s["min_live"] < small)) or \
+            (s["deleted_chunks"] > 0 and s["max_deleted_ratio"] >= min_deleted_ratio)
+
+    for seg in snapshot.segments_where(candidate):
+        name = seg.number
+        deleted = seg.deleted_chunks
+        live = seg.live_chunks
         if live == 0:
             groups.append(CompactGroup([name], "empty", 0, deleted))
             continue
-        if deleted > 0 and deleted / seg["chunks"] >= min_deleted_ratio:
+        if deleted > 0 and deleted / seg.chunks >= min_deleted_ratio:
             dirty.add(name)
         if not (target_segment_chunks > 0 and live < target_segment_chunks / 2):  # not small: never merged
             if name in dirty:
@@ -120,7 +130,7 @@ def plan_compaction(snapshot: Snapshot, min_deleted_ratio: float = DEFAULT_MIN_D
                 continue  # a lone small segment with nothing to drop: rewriting it gains nothing
             g.reason = "deleted"
         out.append(g)
-    number = snapshot.data["next_segment"]
+    number = snapshot.next_segment
     for g in sorted(out, key=lambda g: g.sources[0]):
         if g.live_chunks:
             g.segment = number
@@ -136,8 +146,10 @@ def _job_key(snapshot: Snapshot, groups: list[CompactGroup]) -> str:
 def compact(root: str | Path, min_deleted_ratio: float = DEFAULT_MIN_DELETED_RATIO,
             target_segment_chunks: int = DEFAULT_TARGET_SEGMENT_CHUNKS, *, dry_run: bool = False,
             workers: int | None = None, executor: str = "local", ray_address: str | None = None,
-            wait: float = 0.0, progress=None) -> CompactReport:
-    """Compact the database at `root` (see the module doc); one commit, or none when there is nothing to do."""
+            wait: float = 0.0, merge_indexes: bool = True, progress=None) -> CompactReport:
+    """Compact the database at `root` (see the module doc); one commit, or none when there is nothing to do.
+    Then, unless `merge_indexes` is false, merge the index units whose tier is full (one more commit, when any
+    is: retrodb/shards.py)."""
     started = time.perf_counter()
     db = Database(root)
     groups = plan_compaction(db.snapshot, min_deleted_ratio, target_segment_chunks)
@@ -149,11 +161,17 @@ def compact(root: str | Path, min_deleted_ratio: float = DEFAULT_MIN_DELETED_RAT
             groups = plan_compaction(w.base, min_deleted_ratio, target_segment_chunks)
             job = _job_key(w.base, groups)
         if not groups:
-            return _report(w.base, groups, False, started)
+            report = _report(w.base, groups, False, started)
+            if merge_indexes:
+                report.merged = merge_units(w)
+                report.version = w.base.version
+            return report
         job_dir = w.work_dir(job)
-        units = [{"segment": g.segment, "sources": [[n, w.base.segments[n]] for n in g.sources]}
+        units = [{"segment": g.segment, "sources": [[n, w.base.segments[n].to_json()] for n in g.sources]}
                  for g in groups if g.segment is not None]
-        w.write_json(job_dir / "plan.json", {"base_version": w.base.version, "segments": [u["segment"] for u in units]})
+        w.write_json(job_dir / "plan.json", {"base_version": w.base.version})
+        for u in units:
+            w.new_segment_dir(u["segment"], job)
         if progress is not None:
             progress({"total": sum(g.live_chunks for g in groups)})
         stage = CompactStage(w.root, job_dir, w.base.config.get("index"))
@@ -162,19 +180,21 @@ def compact(root: str | Path, min_deleted_ratio: float = DEFAULT_MIN_DELETED_RAT
         results = make_executor(executor, n_workers, ray_address).run(stage, units, on_progress=on_progress) \
             if units else []
         report = _report(w.base, groups, False, started)
-        data = w.base.derive("compact")
+        edit = w.edit("compact")
         for g in groups:
-            for name in g.sources:
-                del data["segments"][name]
+            for number in g.sources:
+                edit.remove(number)
         for r in sorted(results, key=lambda r: r["segment"]):
-            merge_result(data["segments"], r)
-            data["next_segment"] = max(data["next_segment"], r["segment"] + 1)
+            edit.apply(r)
             report.bytes_written += sum(f["bytes"] for f in r["entry"]["files"].values())
             report.resumed_groups += int(r.get("resumed", False))
         faults.point("compact.before_commit")
-        report.version = w.commit(data).version
-        report.segments_after = len(data["segments"])
+        report.version = w.commit(edit).version
+        report.segments_after = len(w.base.segments)
         shutil.rmtree(job_dir, ignore_errors=True)
+        if merge_indexes:
+            report.merged = merge_units(w)
+            report.version = w.base.version
     report.seconds = time.perf_counter() - started
     return report
 
@@ -182,8 +202,8 @@ def compact(root: str | Path, min_deleted_ratio: float = DEFAULT_MIN_DELETED_RAT
 def _report(snapshot: Snapshot, groups: list[CompactGroup], dry_run: bool, started: float) -> CompactReport:
     sources = sum(len(g.sources) for g in groups)
     new = sum(1 for g in groups if g.segment is not None)
+    before = len(snapshot.segments)
     return CompactReport(
-        version=snapshot.version, groups=groups, segments_before=len(snapshot.segments),
-        segments_after=len(snapshot.segments) - sources + new,
+        version=snapshot.version, groups=groups, segments_before=before, segments_after=before - sources + new,
         chunks_rewritten=sum(g.live_chunks for g in groups), chunks_dropped=sum(g.dropped_chunks for g in groups),
         dry_run=dry_run, seconds=time.perf_counter() - started)

@@ -41,6 +41,7 @@ import torch
 
 from .database import Database
 from .errors import MissingStage, RetrodbError
+from .snapshot import segment_name
 
 PAD_ID = 0
 IGNORE_INDEX = -100
@@ -138,10 +139,10 @@ class ChunkStore:
         self.names = sorted(snapshot.segments)
         self._groups: dict[str, _Groups] = {}
         self._dead: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._compacted = [n for n in self.names if snapshot.segments[n].get("compacted_from")]
+        self._compacted = [n for n in self.names if snapshot.segments[n].compacted_from]
         for name in self.names:
             seg = snapshot.segments[name]
-            t = tombstones.read(self.root, seg)
+            t = tombstones.read(self.root, seg.files)
             lo = t["first_chunk_id"].to_numpy().astype(np.int64)
             hi = lo + t["num_chunks"].to_numpy().astype(np.int64)
             order = np.argsort(lo)
@@ -155,11 +156,11 @@ class ChunkStore:
     def _segment(self, name: str) -> _Groups:
         if name not in self._groups:
             seg = self.snapshot.segments[name]
-            self._groups[name] = _Groups(self.root / seg["files"]["chunks"]["path"], self.COLUMNS, self.cache)
+            self._groups[name] = _Groups(seg.path(self.root, "chunks"), self.COLUMNS, self.cache)
         return self._groups[name]
 
     def _candidates(self, chunk_id: int) -> list[str]:
-        home = f"seg-{chunk_id >> 32:06d}"
+        home = chunk_id >> 32  # the segment that wrote it
         out = [home] if home in self.snapshot.segments else []
         for name in self._compacted:  # compacted segments hold chunks of older segment numbers
             g = self._segment(name)
@@ -252,8 +253,8 @@ class _Windows:
         self.seq_len, self.k, self.split, self.val_fraction = seq_len, k, split, val_fraction
         self.chunks = seq_len // self.m
         self.exclude = set(exclude_docs)
-        missing = sorted(n for n, s in snap.segments.items()
-                         if "neighbours" not in s["files"] and s["chunks"] > s.get("deleted_chunks", 0))
+        missing = [s.name for s in snap.segments_where(lambda g: g["neighbours_missing"] > 0)
+                   if "neighbours" not in s.files and s.live_chunks > 0]
         if missing:
             raise MissingStage(f"{self.db.root} (v{snap.version}): {len(missing)} segment(s) have no stored "
                                f"neighbours ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''})",
@@ -301,7 +302,7 @@ class _Windows:
         import pyarrow.parquet as pq
 
         seg = self.db.snapshot.segments[name]
-        pf = pq.ParquetFile(self.db.root / seg["files"]["documents"]["path"])
+        pf = pq.ParquetFile(seg.path(self.db.root, "documents"))
         for batch in pf.iter_batches(batch_size=8192, columns=["doc_id", "first_chunk_id", "num_chunks"]):
             ids = batch.column(0).to_pylist()
             first = batch.column(1).to_numpy().astype(np.int64)
@@ -315,7 +316,7 @@ class _Windows:
     def _neighbours_file(self, name: str) -> _Groups:
         if name not in self._nb:
             seg = self.db.snapshot.segments[name]
-            self._nb[name] = _Groups(self.db.root / seg["files"]["neighbours"]["path"],
+            self._nb[name] = _Groups(seg.path(self.db.root, "neighbours"),
                                      ["chunk_id", "neighbour_chunk_id"], self.store.cache)
         return self._nb[name]
 
@@ -327,7 +328,7 @@ class _Windows:
         for cid in ids:
             hit = self.store.find(cid)
             if hit is None:
-                raise RetrodbError(f"chunk {cid} of document {doc_id!r} is missing from {name}",
+                raise RetrodbError(f"chunk {cid} of document {doc_id!r} is missing from {segment_name(name)}",
                                    hint=f"run: retrodb verify {self.db.root}")
             toks.append(ChunkStore.tokens_of(hit[1], hit[2]))
         seq = np.concatenate(toks[:C]) if toks else np.zeros(0, np.int64)

@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from . import manifest
 from . import snapshot as snap
 from .atomic import TMP_PREFIX, atomic_write_bytes, make_dirs
 from .errors import ConfigMismatch, CorruptDatabase, DatabaseNotFound, RetrodbError, UsageError
 from .lock import WriterLock
+from .manifest import ManifestEdit
 from .snapshot import Snapshot
 
 WORK = "_work"
+JOURNAL = "journal.txt"  # per job: the files and directories it began to write
+STICKY_JOBS = ("vacuum",)  # a killed vacuum's plan, which only the next vacuum finishes (retrodb/vacuum.py)
 DEFAULT_CHUNK_SIZE = 64
 
 
@@ -86,10 +91,9 @@ class Database:
                     raise RetrodbError(f"{root} exists and is not empty ({', '.join(other[:5])}); refusing to create a "
                                        "database there", hint="give a new or empty directory")
                 make_dirs(root / snap.SEGMENTS)
-                snap.write_snapshot(root, {
-                    "version": 0, "parent": None, "command": "init", "config": config,
-                    "next_segment": 1, "segments": {}, "pending": {},
-                })
+                snap.write_root(root, {"version": 0, "parent": None, "command": "init", "config": config,
+                                       "next_segment": 1, "pending": {}, "groups": [], "ids": [], "indexes": [],
+                                       "totals": snap.combine(())})
         return cls(root)
 
     @classmethod
@@ -143,7 +147,7 @@ class Database:
                 s = snap.read_manifest(self.root, v)
             except RetrodbError:
                 continue
-            out.append({"version": v, "created": s.data["created"], "command": s.data["command"],
+            out.append({"version": v, "created": s.created, "command": s.command,
                         **{k: s.totals()[k] for k in ("documents", "chunks", "tokens")},
                         "segments": len(s.segments), "current": v == self.current_version()})
         return sorted(out, key=lambda r: r["version"])
@@ -157,21 +161,13 @@ class Database:
         self.snapshot = snap.read_current(self.root)
         return self
 
-    def stats(self) -> dict:
+    def stats(self, segments: bool = False) -> dict:
+        """Counts and bytes of this snapshot, from its root (no group manifest is read); `segments` adds one
+        row per segment (`per_segment`), which reads every group."""
         s = self.snapshot
+        t = s.totals_summary
         totals = s.totals()
-        per_segment = []
-        for name, seg in sorted(s.segments.items()):
-            per_segment.append({
-                "segment": name,
-                "documents": seg["documents"] - seg.get("deleted_documents", 0),
-                "chunks": seg["chunks"] - seg.get("deleted_chunks", 0),
-                "tokens": seg["tokens"] - seg.get("deleted_tokens", 0),
-                "deleted_chunks": seg.get("deleted_chunks", 0),
-                "bytes": sum(f["bytes"] for f in seg["files"].values()),
-                "files": sorted(seg["files"]),
-            })
-        return {
+        out = {
             "path": str(self.root),
             "version": s.version,
             "documents": totals["documents"],
@@ -179,14 +175,25 @@ class Database:
             "tokens": totals["tokens"],
             "deleted_documents": totals["deleted_documents"],
             "deleted_chunks": totals["deleted_chunks"],
-            "segments": len(s.segments),
-            "bytes": sum(f["bytes"] for f in s.files()),
+            "segments": t["segments"],
+            "bytes": t["bytes"],
+            "index_units": len(s.index_units),
             "chunk_size": s.chunk_size,
             "tokenizer": s.config["tokenizer"]["path"],
             "embedder": (s.config.get("embedder") or {}).get("path"),
             "neighbours": _neighbours_status(s),
-            "per_segment": per_segment,
         }
+        if segments:
+            out["per_segment"] = [{
+                "segment": seg.name,
+                "documents": seg.live_documents,
+                "chunks": seg.live_chunks,
+                "tokens": seg.live_tokens,
+                "deleted_chunks": seg.deleted_chunks,
+                "bytes": seg.bytes,
+                "files": sorted(seg.files),
+            } for seg in s.segments.values()]
+        return out
 
     def sql(self, query: str):
         """Run one read-only DuckDB query over this snapshot's `documents`, `chunks` and `segments` views; returns
@@ -205,7 +212,7 @@ class Database:
 
     def check_files_present(self) -> None:
         """Raise a clear error if a file of this snapshot is gone (vacuumed while it was being read)."""
-        for rec in self.snapshot.files():
+        for rec in self.snapshot.all_records():
             if not self.snapshot.path(rec).exists():
                 raise DatabaseNotFound(
                     f"snapshot v{self.version} of {self.root} was vacuumed while it was being read "
@@ -269,60 +276,63 @@ class Writer:
         return make_dirs(self.root / WORK / job)
 
     def segment_dir(self, number: int) -> Path:
-        return self.root / snap.SEGMENTS / snap.segment_name(number)
+        return snap.segment_dir(self.root, number)
+
+    def new_segment_dir(self, number: int, job: str | None = None) -> Path:
+        """The directory of a segment this command is about to write, journaled first (see `track`)."""
+        return self.track(self.segment_dir(number), job)
+
+    def edit(self, command: str | None = None) -> ManifestEdit:
+        """The next snapshot, to change and then `commit` (see retrodb/manifest.py)."""
+        return ManifestEdit(self.base, command or self.command)
 
     def cleanup(self, keep_job: str | None = None) -> list[str]:
-        """Remove what interrupted commands left: temporary files, uncommitted manifests and segments, stale jobs.
+        """Remove what interrupted commands left, from their journals (no directory is walked): the files and
+        directories they began to write that the latest snapshot does not reference, the temporary files beside
+        them, their work directories, and uncommitted root manifests.
 
-        Files of the job `keep_job` (and the segments it claims) stay, so it can resume.
+        The job `keep_job` (when it was planned on the latest snapshot) is left alone, so it can resume.
         """
         removed: list[str] = []
-        kept_segments: set[int] = set()
         work = self.root / WORK
         if work.exists():
-            for job in work.iterdir():
+            for job in sorted(work.iterdir()):
+                if job.name in STICKY_JOBS:
+                    continue  # finished by the next run of its own command only
                 plan = _read_json(job / "plan.json")
                 if job.name == keep_job and plan and plan.get("base_version") == self.base.version:
-                    kept_segments.update(plan.get("segments", []))
+                    removed.extend(self._undo_journal(job, keep=True))  # half-written files never resume
                     continue
-                removed.extend(self._remove_tracked(job))
+                removed.extend(self._undo_journal(job))
                 shutil.rmtree(job, ignore_errors=True)
                 removed.append(str(job))
         for v in snap.manifest_versions(self.root):
             if v > self.base.version:
                 (self.root / snap.MANIFESTS / snap.manifest_name(v)).unlink(missing_ok=True)
                 removed.append(f"manifest v{v}")
-        seg_root = self.root / snap.SEGMENTS
-        for d in seg_root.iterdir() if seg_root.exists() else []:
-            try:
-                number = int(d.name.removeprefix("seg-"))
-            except ValueError:
-                continue
-            if number >= self.base.data["next_segment"] and number not in kept_segments:
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(str(d))
-        for tmp in self.root.rglob(f"{TMP_PREFIX}*"):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
-            removed.append(str(tmp))
+        for directory in (self.root, self.root / snap.MANIFESTS):  # atomic writes of CURRENT, roots, audit files
+            removed.extend(_remove_temporaries(directory, "*"))
         return removed
 
-    def commit(self, data: dict) -> Snapshot:
-        """Write `data` (from `self.base.derive(...)`) as the next snapshot and make it current."""
-        if data["version"] != self.base.version + 1:
-            raise RetrodbError(f"internal: commit of version {data['version']} on top of {self.base.version}")
-        self.base = snap.write_snapshot(self.root, data)
+    def commit(self, edit: ManifestEdit) -> Snapshot:
+        """Write `edit` (from `self.edit(...)`) as the next snapshot and make it current."""
+        if edit.version != self.base.version + 1 or edit.base is not self.base:
+            raise RetrodbError(f"internal: commit of version {edit.version} on top of {self.base.version}")
+        self.base = manifest.commit(self.root, edit, self.track)
         self.db.snapshot = self.base
         shutil.rmtree(self.root / WORK / _tracking_job(self.base.version), ignore_errors=True)
         return self.base
 
-    def track(self, path: Path) -> Path:
-        """Note that `path`, a new file in an already committed segment's directory, is about to be written
-        for the next commit, so that `cleanup` removes it if this process dies before committing it."""
-        job = self.work_dir(_tracking_job(self.base.version + 1))
-        fd = os.open(job / "files.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    def track(self, path: Path, job: str | None = None) -> Path:
+        """Journal `path`, a file or directory this command is about to create, in `_work/<job>/journal.txt`
+        (job None: the next commit's journal), fsynced before it exists, so that if the command dies first the
+        next writer removes it (and the temporary files beside it) unless a snapshot references it. A path that
+        exists already is not journaled: it is not this command's to remove."""
+        path = Path(path)
+        if path.exists():
+            return path
+        directory = self.work_dir(job or _tracking_job(self.base.version + 1))
+        fd = os.open(directory / JOURNAL, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, (path.relative_to(self.root).as_posix() + "\n").encode())
             os.fsync(fd)
@@ -330,22 +340,78 @@ class Writer:
             os.close(fd)
         return path
 
-    def _remove_tracked(self, job: Path) -> list[str]:
-        """Delete the files an interrupted job tracked, unless the latest snapshot references them."""
+    def _undo_journal(self, job: Path, keep: bool = False) -> list[str]:
+        """Delete what an interrupted job journaled, unless the latest snapshot references it (or `keep`: the job
+        resumes), and the temporary files beside it."""
         try:
-            listed = (job / "files.txt").read_text().splitlines()
-        except FileNotFoundError:
+            listed = (job / JOURNAL).read_text(encoding="utf-8").splitlines()
+        except (FileNotFoundError, UnicodeDecodeError):
             return []
-        referenced = {rec["path"] for rec in self.base.files()}
         removed = []
-        for rel in listed:
-            if rel and rel not in referenced and (self.root / rel).exists():
-                (self.root / rel).unlink()
+        for rel in dict.fromkeys(listed):
+            path = self.root / rel
+            if not rel or ".." in rel.split("/") or rel.startswith("/"):
+                continue
+            if keep or referenced(self.base, rel):
+                if path.is_dir():
+                    removed.extend(_remove_temporaries(path, "*"))
+                else:
+                    removed.extend(_remove_temporaries(path.parent, path.name))
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
                 removed.append(rel)
+            elif path.exists():
+                path.unlink()
+                removed.append(rel)
+            removed.extend(_remove_temporaries(path.parent, path.name))
         return removed
 
     def write_json(self, path: Path, obj) -> None:
         atomic_write_bytes(path, json.dumps(obj).encode())
+
+
+def referenced(snapshot: Snapshot, rel: str) -> bool:
+    """Whether the path `rel` (relative to the database) is part of `snapshot`: a segment directory or file, a
+    group manifest, an id run, an index shard or one of its files, or a committed root manifest."""
+    parts = rel.split("/")
+    try:
+        if parts[0] == snap.SEGMENTS and len(parts) >= 2:
+            seg = snapshot.segment(snap.segment_number(parts[1]))
+            if seg is None or len(parts) == 2:
+                return seg is not None
+            return any(r["path"] == rel for r in seg.files.values())
+    except ValueError:
+        return False
+    if rel.startswith(snap.GROUPS + "/"):
+        return any(r.path == rel for r in snapshot.group_refs)
+    if parts[0] == snap.MANIFESTS and len(parts) == 2:
+        m = re.fullmatch(r"v-(\d{8})\.json", parts[1])
+        return bool(m) and int(m.group(1)) <= snapshot.version
+    if parts[0] == "ids":
+        return any(r["path"] == rel for r in snapshot.id_runs)
+    if parts[0] == "indexes" and len(parts) >= 2:
+        unit = next((u for u in snapshot.index_units if u["name"] == parts[1]), None)
+        if unit is None or len(parts) == 2:
+            return unit is not None
+        return any(r and r["path"] == rel for r in unit["files"].values())
+    return True  # not a kind of file a journal names: never removed
+
+
+def _remove_temporaries(directory: Path, name: str) -> list[str]:
+    """Temporary files of atomic writes (`.tmp-<id>-<name>`) in one directory."""
+    out = []
+    try:
+        found = list(Path(directory).glob(f"{TMP_PREFIX}*-{name}" if name != "*" else f"{TMP_PREFIX}*"))
+    except OSError:
+        return out
+    for tmp in found:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        out.append(str(tmp))
+    return out
 
 
 def _neighbours_status(snapshot: Snapshot) -> dict:

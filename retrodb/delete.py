@@ -19,7 +19,7 @@ from pathlib import Path
 from . import tombstones
 from .database import Database
 from .errors import BadOption, RetrodbError, UsageError
-from .snapshot import Snapshot
+from .snapshot import Snapshot, segment_name, segment_number
 
 PLAN_COLUMNS = "segment, doc_id, first_chunk_id, num_chunks, num_tokens"
 
@@ -27,7 +27,7 @@ PLAN_COLUMNS = "segment, doc_id, first_chunk_id, num_chunks, num_tokens"
 @dataclass
 class DeletePlan:
     version: int  # snapshot the plan was resolved on
-    documents: list[dict]  # segment, doc_id, first_chunk_id, num_chunks, num_tokens
+    documents: list[dict]  # segment (number), doc_id, first_chunk_id, num_chunks, num_tokens
     unknown: list[str] = field(default_factory=list)  # requested ids matching no document at all
     already_deleted: list[str] = field(default_factory=list)  # requested ids deleted by an earlier commit
     requested: int = 0  # ids asked for (0 for --where)
@@ -43,7 +43,7 @@ class DeletePlan:
     def per_segment(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
         for d in self.documents:
-            s = out.setdefault(d["segment"], {"documents": 0, "chunks": 0, "tokens": 0})
+            s = out.setdefault(segment_name(d["segment"]), {"documents": 0, "chunks": 0, "tokens": 0})
             s["documents"] += 1
             s["chunks"] += d["num_chunks"]
             s["tokens"] += d["num_tokens"]
@@ -100,40 +100,40 @@ def read_ids_file(path: str | Path) -> list[str]:
 
 
 def plan_delete(snapshot: Snapshot, doc_ids: list[str] | None = None, where: str | None = None) -> DeletePlan:
-    """Resolve the documents to delete: by id (`doc_ids`) or by one boolean SQL expression over `documents`
-    (`where`, see `_where_rows`)."""
-    import pyarrow as pa
-
-    from .sql import connect_readonly
+    """Resolve the documents to delete: by id (`doc_ids`: through the id index, reading only the segments that may
+    hold them) or by one boolean SQL expression over `documents` (`where`, see `_where_rows`: a scan)."""
+    from .ids import lookup
 
     if (doc_ids is None) == (where is None):
         raise UsageError("say what to delete: --doc-id/--ids-file, or --where (not both)")
+    if doc_ids is not None:
+        wanted = list(dict.fromkeys(doc_ids))
+        if not wanted:
+            raise UsageError("no document ids given")
+        live, dead = lookup(snapshot, wanted)
+        rows = [d.to_dict() for d in sorted(live, key=lambda d: (d.segment, d.first_chunk_id))]
+        found = {d.doc_id for d in live}
+        gone = {d.doc_id for d in dead} - found
+        unknown = [d for d in wanted if d not in found and d not in gone]
+        if not rows and unknown:
+            shown = ", ".join(repr(d) for d in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise RetrodbError(f"{len(unknown)} of the {len(wanted)} document id(s) are not in the database "
+                               f"and the rest are already deleted: {shown}" if gone else
+                               f"none of the {len(wanted)} document id(s) is in the database: {shown}",
+                               hint="ids are exact; list some with: retrodb sql DB \"SELECT doc_id FROM documents LIMIT 10\"")
+        return DeletePlan(snapshot.version, rows, unknown, [d for d in wanted if d in gone], requested=len(wanted))
+    from .sql import connect_readonly
+
     con = connect_readonly(snapshot)
     try:
-        if doc_ids is not None:
-            wanted = list(dict.fromkeys(doc_ids))
-            if not wanted:
-                raise UsageError("no document ids given")
-            con.register("wanted", pa.table({"doc_id": pa.array(wanted, pa.string())}))
-            rows = con.sql(f"SELECT {PLAN_COLUMNS} FROM documents WHERE doc_id IN (SELECT doc_id FROM wanted) "
-                               "ORDER BY segment, first_chunk_id").to_arrow_table().to_pylist()
-            found = {r["doc_id"] for r in rows}
-            gone = {r[0] for r in con.sql("SELECT DISTINCT doc_id FROM _tombstones WHERE doc_id IN "
-                                          "(SELECT doc_id FROM wanted)").fetchall()} - found
-            unknown = [d for d in wanted if d not in found and d not in gone]
-            if not rows and unknown:
-                shown = ", ".join(repr(d) for d in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-                raise RetrodbError(f"{len(unknown)} of the {len(wanted)} document id(s) are not in the database "
-                                   f"and the rest are already deleted: {shown}" if gone else
-                                   f"none of the {len(wanted)} document id(s) is in the database: {shown}",
-                                   hint="ids are exact; list some with: retrodb sql DB \"SELECT doc_id FROM documents LIMIT 10\"")
-            return DeletePlan(snapshot.version, rows, unknown, [d for d in wanted if d in gone], requested=len(wanted))
         rows = _where_rows(con, where)
-        if not rows:
-            raise RetrodbError(f"no document matches --where {where!r}; nothing to delete")
-        return DeletePlan(snapshot.version, rows)
     finally:
         con.close()
+    if not rows:
+        raise RetrodbError(f"no document matches --where {where!r}; nothing to delete")
+    for r in rows:  # the view names segments; the plan holds their numbers
+        r["segment"] = segment_number(r["segment"])
+    return DeletePlan(snapshot.version, rows)
 
 
 WHERE_HINT = ("one boolean SQL expression over documents(doc_id, source, metadata, text, num_chars, num_tokens, "
@@ -177,9 +177,9 @@ def delete(root: str | Path, doc_ids: list[str] | None = None, where: str | None
                     {(d["segment"], d["doc_id"]) for d in plan.documents}:
                 raise RetrodbError(f"the database changed (v{plan.version} -> v{w.base.version}) since the delete "
                                    "was planned; nothing deleted", hint="rerun the delete to plan it again")
-        data = w.base.derive("delete")
-        totals = tombstones.add(w, data, plan.documents)
-        version = w.commit(data).version
+        edit = w.edit("delete")
+        totals = tombstones.add(w, edit, plan.documents)
+        version = w.commit(edit).version
     return DeleteReport(version, totals["documents"], totals["chunks"], totals["tokens"],
-                        sorted({d["segment"] for d in plan.documents}), plan.unknown, time.perf_counter() - started,
-                        [d["doc_id"] for d in plan.documents])
+                        [segment_name(n) for n in sorted({d["segment"] for d in plan.documents})], plan.unknown,
+                        time.perf_counter() - started, [d["doc_id"] for d in plan.documents])

@@ -31,7 +31,7 @@ from .embedder import DEFAULT_MAX_LENGTH, check_identity, embedder_for, load_emb
 from .errors import MissingStage, RetrodbError
 from .executor import LocalExecutor, run_keeping_finished
 from .snapshot import segment_name
-from .stages.base import merge_result, segment_unit
+from .stages.base import segment_unit
 from .stages.embed import EmbedStage, keys_file_name
 
 COMMIT_EVERY_S = 60.0  # commit finished segments at least this often...
@@ -99,7 +99,8 @@ def embed(root: str | Path, model: str | Path | None = None, *, device: str = "a
         switching = recorded is not None and not same_identity(recorded, ident)
         if switching and not reembed:
             check_identity(recorded, ident)
-        todo = [(n, s) for n, s in sorted(w.base.segments.items()) if switching or "keys" not in s["files"]]
+        todo = [s for s in w.base.segments_where(lambda g: switching or g["without_keys"] > 0)
+                if switching or "keys" not in s.files]
         report.skipped_segments = len(w.base.segments) - len(todo)
         if todo or switching:
             _run(w, job, embedder, ident, todo, switching or recorded is None, report, progress,
@@ -124,28 +125,26 @@ def _run(w: Writer, job: str, embedder, ident: dict, todo: list, new_identity: b
 
     def commit() -> None:
         nonlocal new_identity, last_commit
-        data = w.base.derive("embed")
+        edit = w.edit("embed")
         if new_identity:  # the run's first commit: config and keys change together
-            if data["config"].get("embedder") is not None:  # --reembed: old keys and indexes no longer apply
-                for seg in data["segments"].values():
-                    seg["files"].pop("keys", None)
-                    seg["files"].pop("index", None)
-                    seg["files"].pop("neighbours", None)  # computed from the old keys
-                    seg.pop("neighbours", None)
-            data["config"]["embedder"] = ident
+            if edit.config.get("embedder") is not None:  # --reembed: old keys and indexes no longer apply
+                for seg in list(edit.segments()):  # (neighbours were computed from the old keys)
+                    edit.put(seg.with_files(drop=["keys", "index", "neighbours"]).changed(neighbours=None,
+                                                                                        shard=None))
+            edit.config["embedder"] = ident
         for res in pending.values():
-            merge_result(data["segments"], res)
+            edit.apply(res)
         faults.point("embed.before_commit")
-        w.commit(data)
+        w.commit(edit)
         w.write_json(work / "plan.json", {"base_version": w.base.version, "identity": ident})
-        report.segments.extend(sorted(pending))
+        report.segments.extend(segment_name(n) for n in sorted(pending))
         report.commits += 1
         pending.clear()
         new_identity = False
         last_commit = time.monotonic()
 
     def on_result(result: dict) -> None:
-        pending[segment_name(result["segment"])] = result
+        pending[result["segment"]] = result
         report.chunks += result["chunks"]
         report.resumed_chunks += result["resumed_chunks"]
         if len(pending) >= commit_every_segments or time.monotonic() - last_commit >= commit_every_s:
@@ -155,12 +154,15 @@ def _run(w: Writer, job: str, embedder, ident: dict, todo: list, new_identity: b
         if progress is not None:
             progress({**counts, "advance": counts.get("chunks", 0) + counts.get("resumed", 0)})
 
-    if any(not (w.root / "segments" / name / keys_file_name(ident)).exists() for name, _ in todo):
+    finals = [w.segment_dir(s.number) / keys_file_name(ident) for s in todo]
+    if any(not f.exists() for f in finals):
         embedder.load()  # before the bar starts, so that chunks/s and ETA count embedding only
+    for f in finals:  # what this run may publish: removed by the next writer unless committed or resumed
+        w.track(f, job)
     if progress is not None:
-        progress({"total": sum(s["chunks"] for _, s in todo)})
+        progress({"total": sum(s.chunks for s in todo)})
     stage = EmbedStage(w.root, embedder, work)
-    run_keeping_finished(LocalExecutor(workers=1), stage, [segment_unit(n, s) for n, s in todo], on_result,
+    run_keeping_finished(LocalExecutor(workers=1), stage, [segment_unit(s) for s in todo], on_result,
                          on_progress, pending, commit)
     if pending or new_identity:
         commit()

@@ -11,6 +11,9 @@ picked up, not rebuilt, by the next run.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +22,10 @@ from . import faults
 from .database import Database
 from .errors import ConfigMismatch, MissingStage
 from .executor import make_executor
-from .snapshot import segment_name
-from .stages.base import merge_result, segment_unit
-from .stages.index import DEFAULT_PARAMS, IndexStage, check_params, index_is_current
+from .shards import merge_units
+from .snapshot import Segment, segment_name
+from .stages.base import segment_unit
+from .stages.index import DEFAULT_PARAMS, IndexStage, check_params, index_file_name, index_is_current
 
 DEFAULT_COMMIT_EVERY = 16  # segments per commit: a crash loses at most this many builds
 
@@ -35,6 +39,7 @@ class IndexReport:
     resumed_segments: int = 0  # index files found published by an interrupted run
     up_to_date: int = 0  # segments whose index was already current
     without_keys: list[str] = field(default_factory=list)
+    merged: list[dict] = field(default_factory=list)  # shards built by --merge: name, tier, vectors, segments
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
@@ -43,13 +48,13 @@ class IndexReport:
         return d
 
 
-def build_segment_index(root: Path, seg_name: str, seg: dict, params: dict, threads: int | None = None) -> dict:
+def build_segment_index(root: Path, seg: Segment, params: dict, threads: int | None = None) -> dict:
     """Build the index of one segment from its keys (labels = chunk ids); returns its file record.
 
     The file goes into the segment directory under a name of its own (temporary
     name, then publish); the caller records it in the segment's files and commits.
     """
-    return IndexStage(Path(root), params, threads).run(segment_unit(seg_name, seg))["entry"]["files"]["index"]
+    return IndexStage(Path(root), params, threads).run(segment_unit(seg))["entry"]["files"]["index"]
 
 
 def requested_params(recorded: dict | None, space: str | None, M: int | None, ef_construction: int | None,
@@ -69,55 +74,71 @@ def requested_params(recorded: dict | None, space: str | None, M: int | None, ef
 
 def index(root: str | Path, *, space: str | None = None, M: int | None = None, ef_construction: int | None = None,
           threads: int | None = None, rebuild: bool = False, commit_every: int = DEFAULT_COMMIT_EVERY,
-          executor: str = "local", ray_address: str | None = None, wait: float = 0.0,
+          executor: str = "local", ray_address: str | None = None, wait: float = 0.0, merge: bool = False,
           progress=None) -> IndexReport:
-    """Build the HNSW index of every segment of the database at `root` that has keys and no current index."""
+    """Build the HNSW index of every segment of the database at `root` that has keys and no current index;
+    with `merge`, then merge index units into shards in size tiers (see retrodb/shards.py)."""
     if commit_every < 1:
         commit_every = 1
     db = Database(root)
     started = time.perf_counter()
-    with db.writer("index", wait=wait) as w:
+    job = "index-" + hashlib.sha256(json.dumps([space, M, ef_construction, rebuild]).encode()).hexdigest()[:12]
+    with db.writer("index", wait=wait, keep_job=job) as w:
         base = w.base
-        with_keys = {n: s for n, s in base.segments.items() if "keys" in s["files"]}
-        if not base.segments:
+        if not len(base.segments):
             raise MissingStage(f"{w.root} has no segments yet", hint=f"run: retrodb ingest {w.root} SOURCE...")
-        if not with_keys or not base.config.get("embedder"):
+        totals = base.totals_summary
+        if totals["without_keys"] == totals["segments"] or not base.config.get("embedder"):
             raise MissingStage(f"{w.root} has no keys yet, so there is nothing to index",
                                hint=f"run: retrodb embed {w.root}")
         recorded = base.config.get("index")
         params = requested_params(recorded, space, M, ef_construction, rebuild)
         report = IndexReport(base.version, params)
-        report.without_keys = sorted(n for n in base.segments if n not in with_keys)
-        todo = [(n, s) for n, s in sorted(with_keys.items()) if not index_is_current(s, params)]
-        report.up_to_date = len(with_keys) - len(todo)
+        # only the groups that hold a segment without keys or without a current index are read
+        stale = recorded != params
+        todo, without = [], []
+        for seg in base.segments_where(lambda s: stale or s["without_keys"] or s["unindexed"]):
+            if "keys" not in seg.files:
+                without.append(seg.name)
+            elif seg.shard is None and not index_is_current(seg.files, params):
+                todo.append(seg)
+        report.without_keys = sorted(without)
+        report.up_to_date = totals["segments"] - totals["without_keys"] - len(todo)
         if progress is not None:
-            progress({"total": sum(s["chunks"] for _, s in todo)})
-        pending: dict[str, dict] = {}
+            progress({"total": sum(s.chunks for s in todo)})
+        work = w.work_dir(job)
+        w.write_json(work / "plan.json", {"base_version": base.version})
+        pending: dict[int, dict] = {}
 
         def commit() -> None:
-            data = w.base.derive("index")
-            data["config"]["index"] = params
+            edit = w.edit("index")
+            edit.config["index"] = params
             for res in pending.values():
-                merge_result(data["segments"], res)
+                edit.apply(res)
             faults.point("index.before_commit")
-            w.commit(data)
+            w.commit(edit)
+            w.write_json(work / "plan.json", {"base_version": w.base.version})
             pending.clear()
 
         def on_result(result: dict) -> None:
-            name = segment_name(result["segment"])
-            pending[name] = result
-            report.segments.append(name)
+            pending[result["segment"]] = result
+            report.segments.append(segment_name(result["segment"]))
             report.chunks += result["chunks"]
             report.resumed_segments += int(result["resumed"])
             if len(pending) >= commit_every:
                 commit()
 
         stage = IndexStage(w.root, params, threads)
+        for seg in todo:  # the files this run may publish: removed by the next writer unless committed
+            w.track(w.segment_dir(seg.number) / index_file_name(params, seg.files["keys"]), job)
         on_progress = (lambda c: progress({**c, "advance": c.get("chunks", 0)})) if progress is not None else None
-        make_executor(executor, 1, ray_address).run(stage, [segment_unit(n, s) for n, s in todo],
+        make_executor(executor, 1, ray_address).run(stage, [segment_unit(s) for s in todo],
                                                     on_result=on_result, on_progress=on_progress)
         if pending or recorded != params:
             commit()
+        if merge:
+            report.merged = merge_units(w, threads=threads)
+        shutil.rmtree(work, ignore_errors=True)
         report.version = w.base.version
     report.seconds = time.perf_counter() - started
     return report

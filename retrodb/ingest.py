@@ -30,7 +30,8 @@ from .errors import BadInput, RetrodbError, UsageError
 from .executor import make_executor
 from .readers import FORMATS, IGNORED_KINDS, Issue, ReadOptions, pack_units, plan_pieces, stdin_units, unit_size
 from .segment import write_table_file
-from .snapshot import segment_name
+from .store import write_from_tables
+from .snapshot import Segment, segment_name
 from .stages.ingest import IngestStage
 
 DEFAULT_SEGMENT_BYTES = 64 << 20  # input bytes per segment (about 15M tokens of English)
@@ -115,11 +116,17 @@ def check_something_ingested(report: IngestReport, sources: list[str]) -> None:
 class StagedSegments:
     """Segments written (not yet committed) by one ingest job, after de-duplication."""
 
-    entries: dict[str, dict]
+    segments: dict[int, Segment]  # by number
     next_segment: int
     report: IngestReport
     job_dir: Path
     replaced: list[dict] = field(default_factory=list)  # existing docs superseded (add --replace)
+
+    def put_into(self, edit) -> None:
+        """Add the staged segments to a ManifestEdit."""
+        for seg in self.segments.values():
+            edit.put(seg)
+        edit.next_segment = max(edit.next_segment, self.next_segment)
 
 
 def job_key(sources: list[str], pieces, opts: IngestOptions, config: dict) -> str:
@@ -151,11 +158,10 @@ def ingest(root: str | Path, sources: list[str], opts: IngestOptions | None = No
         with db.writer("ingest", wait=wait, keep_job=job) as w:
             staged = stage_sources(w, job, pieces, plan_issues, opts, progress=progress, stdin=stdin)
             version = w.base.version
-            if staged.entries:  # nothing new (all skipped): no empty snapshot
-                data = w.base.derive("ingest")
-                data["segments"].update(staged.entries)
-                data["next_segment"] = staged.next_segment
-                version = w.commit(data).version
+            if staged.segments:  # nothing new (all skipped): no empty snapshot
+                edit = w.edit("ingest")
+                staged.put_into(edit)
+                version = w.commit(edit).version
             shutil.rmtree(staged.job_dir, ignore_errors=True)
         report = staged.report
         report.version = version
@@ -184,18 +190,24 @@ def stage_sources(w: Writer, job: str, pieces, plan_issues: list[Issue], opts: I
         _fail_or_count(issue, opts, report)
     job_dir = w.work_dir(job)
     config = w.base.config
-    first = w.base.data["next_segment"]
+    first = w.base.next_segment
+    w.write_json(job_dir / "plan.json", {"base_version": w.base.version})
+
+    def claim(number: int) -> int:  # a segment directory this job will write: journaled first
+        w.new_segment_dir(number, job)
+        return number
+
     if pieces and pieces[0].path == "<stdin>":  # stdin: units are cut as the stream arrives
         counter = iter(range(first, 1 << 31))
-        units = stdin_units(stdin or sys.stdin.buffer, opts.segment_bytes, lambda: next(counter), pieces[0].fmt)
+        units = stdin_units(stdin or sys.stdin.buffer, opts.segment_bytes, lambda: claim(next(counter)),
+                            pieces[0].fmt)
         total = None
         planned: list[int] = []
     else:
         unit_list = pack_units(pieces, opts.segment_bytes, first)
         units = unit_list
         total = sum(unit_size(u) for u in unit_list)
-        planned = [u["segment"] for u in unit_list]
-    w.write_json(job_dir / "plan.json", {"base_version": w.base.version, "segments": planned})
+        planned = [claim(u["segment"]) for u in unit_list]
     if progress is not None and total is not None:
         progress({"total_bytes": total})
     stage = IngestStage(w.root, job_dir, config, ReadOptions(opts.text_field, opts.id_field), opts.on_error)
@@ -209,26 +221,26 @@ def stage_sources(w: Writer, job: str, pieces, plan_issues: list[Issue], opts: I
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
     results.sort(key=lambda r: r["segment"])
-    entries: dict[str, dict] = {}
+    segments: dict[int, Segment] = {}
     last = first - 1
     for r in results:
-        last = max(last, r["segment"])
+        number = r["segment"]
+        last = max(last, number)
         report.resumed_segments += int(r.get("resumed", False))
         for kind, n in r["issue_counts"].items():
             report.issue_counts[kind] = report.issue_counts.get(kind, 0) + n
         report.issues.extend(r["issues"][: max(0, 1000 - len(report.issues))])
-        name = segment_name(r["segment"])
         if r["entry"]["documents"]:
-            entries[name] = r["entry"]
+            segments[number] = Segment.from_json(number, r["entry"])
         if r.get("dropping"):  # a duplicate removal that a crash interrupted: finish it first
-            _drop_documents(w, job_dir, name, entries, set(r["dropping"]))
-    replaced = _deduplicate(w, job_dir, entries, opts, report, replace)
-    for e in entries.values():
-        report.documents += e["documents"]
-        report.chunks += e["chunks"]
-        report.tokens += e["tokens"]
-    report.segments = sorted(entries)
-    return StagedSegments(entries, last + 1, report, job_dir, replaced)
+            _drop_documents(w, job_dir, number, segments, set(r["dropping"]))
+    replaced = _deduplicate(w, job_dir, segments, opts, report, replace)
+    for seg in segments.values():
+        report.documents += seg.documents
+        report.chunks += seg.chunks
+        report.tokens += seg.tokens
+    report.segments = [seg.name for seg in sorted(segments.values(), key=lambda s: s.number)]
+    return StagedSegments(segments, last + 1, report, job_dir, replaced)
 
 
 def _fail_or_count(issue: Issue, opts: IngestOptions, report: IngestReport) -> None:
@@ -244,55 +256,48 @@ def _fail_or_count(issue: Issue, opts: IngestOptions, report: IngestReport) -> N
         report.issues.append(issue.to_dict())
 
 
-def _deduplicate(w: Writer, job_dir: Path, entries: dict[str, dict], opts: IngestOptions,
+def _deduplicate(w: Writer, job_dir: Path, segments: dict[int, Segment], opts: IngestOptions,
                  report: IngestReport, replace: bool) -> list[dict]:
-    """Drop documents whose id repeats an earlier new document or (unless `replace`) a live one.
+    """Drop documents whose id repeats an earlier new document or (unless `replace`) a live one, found through
+    the id index (only the segments that may hold the new ids are read).
 
     Returns the live documents that new ones replace (segment, doc_id, first_chunk_id, num_chunks, num_tokens).
     """
-    if not entries:
-        return []
-    from .sql import _files, connect
+    import pyarrow.parquet as pq
 
-    con = connect(w.base)
-    try:
-        files = [w.root / e["files"]["documents"]["path"] for e in entries.values()]
-        con.execute(
-            "CREATE VIEW new_docs AS SELECT doc_id, source, "
-            "regexp_extract(filename, '(seg-[0-9]+)/[^/]+$', 1) AS segment, file_row_number AS rn "
-            f"FROM read_parquet({_files(files)}, filename=true, file_row_number=true)"
-        )
-        dups = con.execute(
-            "SELECT segment, doc_id, source FROM (SELECT *, row_number() OVER "
-            "(PARTITION BY doc_id ORDER BY segment, rn) AS k FROM new_docs) WHERE k > 1 ORDER BY segment, rn"
-        ).fetchall()
-        existing = con.execute(
-            "SELECT segment, doc_id, first_chunk_id, num_chunks, num_tokens FROM documents "
-            "WHERE doc_id IN (SELECT doc_id FROM new_docs) ORDER BY segment, doc_id"
-        ).fetchall()
-        clashing = con.execute(
-            "SELECT segment, doc_id, source FROM new_docs WHERE doc_id IN (SELECT doc_id FROM documents) "
-            "ORDER BY segment, rn"
-        ).fetchall() if existing and not replace else []
-    finally:
-        con.close()
-    drop: dict[str, set[str]] = {}
-    for seg, doc_id, source in dups:
-        drop.setdefault(seg, set()).add(doc_id)
+    from .ids import lookup
+
+    if not segments:
+        return []
+    new: list[tuple[int, str, str]] = []  # (segment, doc_id, source) in segment and row order
+    for number, seg in sorted(segments.items()):
+        t = pq.read_table(seg.path(w.root, "documents"), columns=["doc_id", "source"])
+        new.extend((number, d, src) for d, src in zip(t["doc_id"].to_pylist(), t["source"].to_pylist()))
+    seen: set[str] = set()
+    dups = []
+    for number, doc_id, source in new:
+        if doc_id in seen:
+            dups.append((number, doc_id, source))
+        seen.add(doc_id)
+    existing, _ = lookup(w.base, seen)
+    live_ids = {d.doc_id for d in existing}
+    clashing = [(n, d, src) for n, d, src in new if d in live_ids] if existing and not replace else []
+    drop: dict[int, set[str]] = {}
+    for number, doc_id, source in dups:
+        drop.setdefault(number, set()).add(doc_id)
         _fail_or_count(Issue("duplicate-id", source, f"duplicate document id {doc_id!r}; first one kept"), opts, report)
-    for seg, doc_id, source in clashing:
-        drop.setdefault(seg, set()).add(doc_id)
+    for number, doc_id, source in clashing:
+        drop.setdefault(number, set()).add(doc_id)
         _fail_or_count(Issue("duplicate-id", source, f"document id {doc_id!r} is already in the database; "
                              "skipped (use retrodb add --replace to replace it)"), opts, report)
-    for seg, ids in drop.items():
-        _drop_documents(w, job_dir, seg, entries, ids)
+    for number, ids in sorted(drop.items()):
+        _drop_documents(w, job_dir, number, segments, ids)
     if not replace:
         return []
-    return [{"segment": s, "doc_id": d, "first_chunk_id": f, "num_chunks": n, "num_tokens": t}
-            for s, d, f, n, t in existing]
+    return [d.to_dict() for d in sorted(existing, key=lambda d: (d.segment, d.doc_id))]
 
 
-def _drop_documents(w: Writer, job_dir: Path, seg: str, entries: dict[str, dict], doc_ids: set[str]) -> None:
+def _drop_documents(w: Writer, job_dir: Path, number: int, segments: dict[int, Segment], doc_ids: set[str]) -> None:
     """Rewrite one staged (uncommitted) segment without `doc_ids`; its other chunk ids are unchanged.
 
     The segment's marker records the ids first, and loses them only once both files are rewritten, so a
@@ -303,30 +308,32 @@ def _drop_documents(w: Writer, job_dir: Path, seg: str, entries: dict[str, dict]
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    marker = job_dir / f"{seg}.done.json"
+    marker = job_dir / f"{segment_name(number)}.done.json"
     done = json.loads(marker.read_text())
     done["dropping"] = sorted(set(done.get("dropping", [])) | doc_ids)
     w.write_json(marker, done)
     faults.point("ingest.drop_planned")
     ids = pa.array(done["dropping"], pa.string())
-    entry = entries.get(seg)
-    directory = w.segment_dir(int(seg[4:]))
-    if entry is not None and (directory / "documents.parquet").exists():
+    seg = segments.get(number)
+    directory = w.segment_dir(number)
+    if seg is not None and (directory / "documents.parquet").exists():
         for kind in ("documents", "chunks"):
             path = directory / f"{kind}.parquet"
             table = pq.read_table(path)
             table = table.filter(pc.invert(pc.is_in(table["doc_id"], value_set=ids)))
             if kind == "documents":
-                entry["documents"] = table.num_rows
-                entry["tokens"] = int(pc.sum(table["num_tokens"]).as_py() or 0)
+                seg = seg.changed(documents=table.num_rows, tokens=int(pc.sum(table["num_tokens"]).as_py() or 0))
             else:
-                entry["chunks"] = table.num_rows
-            entry["files"][kind] = write_table_file(w.root, path, table)
+                seg = seg.changed(chunks=table.num_rows)
+            seg = seg.with_files({kind: write_table_file(w.root, path, table)})
             faults.point(f"ingest.drop_{kind}_written")
-    if entry is None or entry["documents"] == 0:
+        seg = seg.with_files({"store": write_from_tables(w.root, directory)})
+    if seg is None or seg.documents == 0:
         shutil.rmtree(directory, ignore_errors=True)
-        entries.pop(seg, None)
-        entry = {"documents": 0, "chunks": 0, "tokens": 0, "files": {}}
-    done["entry"] = entry
+        segments.pop(number, None)
+        done["entry"] = {"documents": 0, "chunks": 0, "tokens": 0, "files": {}}
+    else:
+        segments[number] = seg
+        done["entry"] = seg.to_json()
     del done["dropping"]
     w.write_json(marker, done)

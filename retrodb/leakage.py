@@ -205,9 +205,9 @@ def _documents_tokens(db):
 
     from . import tombstones
 
-    for name, seg in sorted(db.snapshot.segments.items()):
-        gone = tombstones.deleted_doc_ids(db.root, seg)
-        pf = pq.ParquetFile(db.root / seg["files"]["chunks"]["path"])
+    for seg in db.snapshot.segments.values():
+        gone = tombstones.deleted_doc_ids(db.root, seg.files)
+        pf = pq.ParquetFile(seg.path(db.root, "chunks"))
         current, parts = None, []
         for batch in pf.iter_batches(batch_size=1 << 14, columns=["doc_id", "tokens"]):
             ids = batch.column(0).to_pylist()

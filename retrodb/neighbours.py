@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ import numpy as np
 from . import faults
 from .atomic import file_record, publish, tmp_path_for
 from .errors import ConfigMismatch, MissingStage, RetrodbError
-from .snapshot import SEGMENTS, Snapshot
+from .snapshot import SEGMENTS, Segment, Snapshot, segment_dir, segment_name
 from .stages.base import Stage
 
 DEFAULT_K = 2
@@ -91,15 +92,6 @@ def is_neighbours_file(path: str | Path) -> bool:
     return name.startswith(PREFIX) and name.endswith(".parquet")
 
 
-def segment_number(name: str) -> int:
-    return int(name.removeprefix("seg-"))
-
-
-def origin_max(name: str, seg: dict) -> int:
-    """The newest segment number that wrote a chunk of this segment (itself, unless compacted from older ones)."""
-    return int(seg.get("origin_max", segment_number(name)))
-
-
 def arrow_schema():
     from .schema import arrow_schema as schema_of
 
@@ -132,23 +124,24 @@ def _published(final: Path):
 _SEARCHERS: dict = {}  # per process: (root, version) -> Searcher, reused by the units of one run
 
 
-def _searcher(root: Path, data: dict, threads: int | None):
+def _searcher(root: Path, version: int, threads: int | None):
     from .query import Searcher
+    from .snapshot import read_manifest
 
-    key = (str(root), data["version"])
+    key = (str(root), version)
     if key not in _SEARCHERS:
         _SEARCHERS.clear()
-        _SEARCHERS[key] = Searcher(Snapshot(Path(root), data), threads=threads)
+        _SEARCHERS[key] = Searcher(read_manifest(Path(root), version), threads=threads)
     return _SEARCHERS[key]
 
 
-def search_identity(data: dict) -> str:
-    """What a run's results depend on besides the queried segment: every searched segment's keys, index and
-    tombstones (sha256 of their records)."""
-    parts = sorted((n, s["files"]["keys"]["sha256"], (s["files"].get("index") or {}).get("sha256"),
-                    (s["files"].get("tombstones") or {}).get("sha256"))
-                   for n, s in data["segments"].items() if "keys" in s["files"])
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+def search_identity(searcher) -> str:
+    """What a run's results depend on besides the queried segment: every searched target (index units, with
+    their dead rows, and the segments searched exactly), by the sha256 of their files."""
+    parts = [json.dumps(t.unit, sort_keys=True) if t.unit is not None else
+             json.dumps([t.name, sorted((k, r["sha256"]) for k, r in t.reader.files.items())])
+             for t in searcher.targets()]
+    return hashlib.sha256(json.dumps(sorted(parts)).encode()).hexdigest()
 
 
 class NeighboursStage(Stage):
@@ -156,37 +149,41 @@ class NeighboursStage(Stage):
 
     name = "neighbours"
 
-    def __init__(self, root: Path, data: dict, params: dict, threads: int | None = None):
+    def __init__(self, root: Path, version: int, params: dict, threads: int | None = None):
         self.root = Path(root)
-        self.data = data  # the snapshot searched (manifest dict), the same for every unit of a run
+        self.version = version  # the snapshot searched, the same for every unit of a run
         self.params = params
         self.threads = threads
-        self.identity = search_identity(data)
+        self._identity: str | None = None
 
-    def final_path(self, name: str) -> Path:
-        seg = self.data["segments"][name]
-        tag = hashlib.sha256(json.dumps([self.params, self.identity, seg["files"]["keys"]["sha256"]]).encode())
-        return self.root / SEGMENTS / name / file_name(self.params, tag.hexdigest()[:12])
+    def searcher(self):
+        return _searcher(self.root, self.version, self.threads)
 
-    def run(self, unit: str) -> dict:
+    def final_path(self, number: int) -> Path:
+        if self._identity is None:
+            self._identity = search_identity(self.searcher())
+        seg = self.searcher().snapshot.segment(number)
+        tag = hashlib.sha256(json.dumps([self.params, self._identity, seg.files["keys"]["sha256"]]).encode())
+        return segment_dir(self.root, number) / file_name(self.params, tag.hexdigest()[:12])
+
+    def run(self, unit: int) -> dict:
         import pyarrow as pa
 
-        name = unit
-        final = self.final_path(name)
-        result = {"segment": name, "chunks": 0, "resumed": False}
+        number = int(unit)
+        final = self.final_path(number)
+        result = {"segment": number, "chunks": 0, "resumed": False}
+        searcher = self.searcher()
+        own = searcher.reader(number)
         if final.exists():  # published by an earlier run that stopped before its commit (or identical inputs)
-            self.report(chunks=self._live(name))
+            self.report(chunks=own.live)
             return {**result, "record": file_record(self.root, final), "resumed": True}
-        searcher = _searcher(self.root, self.data, self.threads)
-        segs = searcher.segments()
-        own = segs[name]
         ids = own.chunk_ids()
         first, count, *_ = own.doc_table()
         if int(count.sum()) != len(ids):
             from .errors import CorruptDatabase
 
-            raise CorruptDatabase(f"{name}: documents list {int(count.sum())} chunks, chunks.parquet has {len(ids)}",
-                                  hint="run: retrodb verify DB")
+            raise CorruptDatabase(f"{own.name}: documents list {int(count.sum())} chunks, chunks.parquet has "
+                                  f"{len(ids)}", hint="run: retrodb verify DB")
         doc_lo = np.repeat(first, count)  # row i's document covers chunk ids doc_lo[i] .. doc_hi[i] - 1
         doc_hi = doc_lo + np.repeat(count, count)
         rows = np.flatnonzero(~own.deleted(ids))
@@ -197,7 +194,7 @@ class NeighboursStage(Stage):
             for start in range(0, len(rows), block):
                 r = rows[start: start + block]
                 q = np.asarray(keys[r], dtype=np.float32)
-                nb, sc = self.neighbours_of(searcher, name, q, doc_lo[r], doc_hi[r])
+                nb, sc = self.neighbours_of(searcher, number, q, doc_lo[r], doc_hi[r])
                 n_per = (nb >= 0).sum(axis=1)
                 keep = nb >= 0
                 ranks = np.broadcast_to(np.arange(1, nb.shape[1] + 1, dtype=np.int32), nb.shape)
@@ -213,29 +210,27 @@ class NeighboursStage(Stage):
         faults.point("neighbours.segment_published")
         return {**result, "record": file_record(self.root, final)}
 
-    def _live(self, name: str) -> int:
-        seg = self.data["segments"][name]
-        return int(seg["chunks"]) - int(seg.get("deleted_chunks", 0))
-
-    def neighbours_of(self, searcher, own_name: str, q: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    def neighbours_of(self, searcher, own_number: int, q: np.ndarray, lo: np.ndarray, hi: np.ndarray):
         """The `margin` best chunks of other documents for each query row (chunk ids, -1 where fewer exist, and
-        scores), best first, ties broken by chunk id. Rows of `q` are keys of chunks of `own_name` whose documents
-        cover chunk ids lo .. hi - 1."""
+        scores), best first, ties broken by chunk id. Rows of `q` are keys of chunks of segment `own_number` whose
+        documents cover chunk ids lo .. hi - 1. Every search target is searched (index units and segments without
+        an index); the one that holds the own segment over-fetches to pass its document."""
         margin, ef = self.params["margin"], self.params["ef"]
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        segs = searcher.segments()
-        others = []
-        for seg in segs.values():
-            if seg.name == own_name or seg.live == 0:
+        parts = []
+        for t in searcher.targets():
+            if t.live == 0:
                 continue
-            others.append(self._search(searcher, seg, q, min(margin, seg.live), ef))
-        parts = others + [self._own(searcher, segs[own_name], q, lo, hi)]
+            if t.holds(own_number):
+                parts.append(self._own(searcher, t, q, lo, hi))
+            else:
+                parts.append(searcher.search_target(t, q, min(margin, t.live), ef))
         lab = np.concatenate([p[0] for p in parts], axis=1)
         sc = np.concatenate([p[1] for p in parts], axis=1).astype(np.float32)
         return _top(lab, sc, margin)
 
-    def _own(self, searcher, own, q: np.ndarray, lo: np.ndarray, hi: np.ndarray):
-        """The `margin` best chunks of the query's own segment outside its own document, [n, margin].
+    def _own(self, searcher, t, q: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+        """The `margin` best chunks of the target holding the query's own segment, outside its own document.
 
         A chunk's own document is excluded exactly: fetch margin + FIRST_FETCH (or margin + the document's
         length, if smaller: then one pass always suffices), drop the document's chunks, and fetch again, 4x
@@ -245,29 +240,16 @@ class NeighboursStage(Stage):
         out_l = np.full((len(q), margin), -1, dtype=np.int64)
         out_s = np.full((len(q), margin), -np.inf, dtype=np.float32)
         rows = np.arange(len(q))
-        need = np.minimum(margin + (hi - lo), own.live)  # wide enough to pass the whole document
+        need = np.minimum(margin + (hi - lo), t.live)  # wide enough to pass the whole document
         m = int(min(need.max(initial=0), margin + FIRST_FETCH))
         while len(rows) and m > 0:
-            lab, sc = self._search(searcher, own, q[rows], m, ef)
+            lab, sc = searcher.search_target(t, q[rows], m, ef)
             sc = np.where((lab >= lo[rows, None]) & (lab < hi[rows, None]), -np.inf, sc)
             done = (np.isfinite(sc).sum(axis=1) >= margin) | (m >= need[rows])
             out_l[rows[done]], out_s[rows[done]] = _top(lab[done], sc[done], margin)
             rows = rows[~done]
-            m = min(4 * m, own.live)
+            m = min(4 * m, t.live)
         return out_l, out_s
-
-    def _search(self, searcher, seg, q: np.ndarray, m: int, ef: int):
-        """(labels, scores) [n, m] of one segment; deleted chunks and missing results have score -inf."""
-        threads = searcher.threads
-        if seg.has_index():
-            lab, sc = searcher._hnsw(seg, q, m, ef, threads)
-        else:
-            lab, sc = searcher._exact(seg, q, m)
-        lab = np.asarray(lab, dtype=np.int64)
-        sc = np.asarray(sc, dtype=np.float32).copy()
-        dead = seg.deleted(lab.ravel()).reshape(lab.shape)
-        sc[dead] = -np.inf
-        return lab, sc
 
 
 def _top(lab: np.ndarray, sc: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -287,9 +269,9 @@ def _top(lab: np.ndarray, sc: np.ndarray, width: int) -> tuple[np.ndarray, np.nd
 # ---------------------------------------------------------------- the command
 
 
-def neighbours_is_current(seg: dict, params: dict) -> bool:
-    meta = seg.get("neighbours") or {}
-    return "neighbours" in seg["files"] and {k: meta.get(k) for k in ("k", "margin", "ef")} == params
+def neighbours_is_current(seg: Segment, params: dict) -> bool:
+    meta = seg.neighbours or {}
+    return "neighbours" in seg.files and {k: meta.get(k) for k in ("k", "margin", "ef")} == params
 
 
 def compute_neighbours(root: str | Path, k: int = DEFAULT_K, *, ef: int | None = None, margin: int | None = None,
@@ -312,14 +294,15 @@ def compute_neighbours(root: str | Path, k: int = DEFAULT_K, *, ef: int | None =
     if executor not in ("local", "ray"):
         raise RetrodbError(f"unknown --executor {executor!r}: use local or ray")
     db = Database(root)
-    with db.writer("neighbours", wait=wait) as w:
+    job = "neighbours-" + hashlib.sha256(json.dumps([params, refresh]).encode()).hexdigest()[:12]
+    with db.writer("neighbours", wait=wait, keep_job=job) as w:
         base = w.base
-        if not base.segments:
+        totals = base.totals_summary
+        if not totals["segments"]:
             raise MissingStage(f"{w.root} has no segments yet", hint=f"run: retrodb ingest {w.root} SOURCE...")
-        without_keys = sorted(n for n, s in base.segments.items() if "keys" not in s["files"])
-        if without_keys or not base.config.get("embedder"):
-            raise MissingStage(f"{w.root}: {len(without_keys) or 'all'} segment(s) have no keys yet, so neighbours "
-                               "cannot be searched", hint=f"run: retrodb embed {w.root}")
+        if totals["without_keys"] or not base.config.get("embedder"):
+            raise MissingStage(f"{w.root}: {totals['without_keys'] or 'all'} segment(s) have no keys yet, so "
+                               "neighbours cannot be searched", hint=f"run: retrodb embed {w.root}")
         recorded = base.config.get("neighbours")
         if recorded and recorded != params and not refresh:
             raise ConfigMismatch(
@@ -328,41 +311,46 @@ def compute_neighbours(root: str | Path, k: int = DEFAULT_K, *, ef: int | None =
                 hint=f"leave out the options to use the recorded ones, or recompute all with: retrodb neighbours "
                      f"{w.root} --refresh --k {params['k']} --margin {params['margin']} --ef {params['ef']}")
         report = NeighboursReport(base.version, params, base.version)
-        todo = sorted(n for n, s in base.segments.items() if refresh or not neighbours_is_current(s, params))
-        report.up_to_date = len(base.segments) - len(todo)
-        report.exact_segments = sorted(n for n, s in base.segments.items() if "index" not in s["files"])
+        todo = [s for s in base.segments_where(lambda g: refresh or g["with_neighbours"] < g["segments"])
+                if refresh or not neighbours_is_current(s, params)]
+        report.up_to_date = totals["segments"] - len(todo)
+        n_workers = workers or 1
+        if threads is None:
+            threads = max(1, default_workers() // n_workers)
+        stage = NeighboursStage(w.root, base.version, params, threads)
+        report.exact_segments = sorted(t.name for t in stage.searcher().targets() if t.kind == "exact")
         if progress is not None:
-            progress({"total": sum(s["chunks"] - s.get("deleted_chunks", 0) for n, s in base.segments.items()
-                                   if n in todo)})
-        meta = {**params, "computed_at": base.version, "watermark": base.data["next_segment"]}
-        pending: dict[str, dict] = {}
+            progress({"total": sum(s.live_chunks for s in todo)})
+        meta = {**params, "computed_at": base.version, "watermark": base.next_segment}
+        w.write_json(w.work_dir(job) / "plan.json", {"base_version": base.version})
+        for seg in todo:  # the files this run may publish: removed by the next writer unless committed or resumed
+            w.track(stage.final_path(seg.number), job)
+        pending: dict[int, dict] = {}
 
         def on_result(result: dict) -> None:
-            seg = w.base.segments[result["segment"]]
-            if (seg["files"].get("neighbours") or {}).get("path") == result["record"]["path"] \
-                    and (seg.get("neighbours") or {}).get("watermark") == meta["watermark"]:
+            seg = w.base.segment(result["segment"])
+            if (seg.files.get("neighbours") or {}).get("path") == result["record"]["path"] \
+                    and (seg.neighbours or {}).get("watermark") == meta["watermark"]:
                 report.up_to_date += 1  # --refresh found the committed file computed from the same inputs
                 return
             pending[result["segment"]] = result["record"]
             report.chunks += result["chunks"]
             report.resumed_segments += int(result["resumed"])
 
-        n_workers = workers or 1
-        if threads is None:
-            threads = max(1, default_workers() // n_workers)
-        stage = NeighboursStage(w.root, base.data, params, threads)
         on_progress = (lambda c: progress({**c, "advance": c.get("chunks", 0)})) if progress is not None else None
-        make_executor(executor, n_workers, ray_address).run(stage, todo, on_result=on_result, on_progress=on_progress)
+        make_executor(executor, n_workers, ray_address).run(stage, [s.number for s in todo], on_result=on_result,
+                                                            on_progress=on_progress)
         if pending or recorded != params:
-            data = w.base.derive("neighbours")
-            data["config"]["neighbours"] = params
-            for name, record in pending.items():
-                data["segments"][name]["files"]["neighbours"] = record
-                data["segments"][name]["neighbours"] = dict(meta)
+            edit = w.edit("neighbours")
+            edit.config["neighbours"] = params
+            for number, record in pending.items():
+                edit.set_files(number, {"neighbours": record})
+                edit.update(number, neighbours=dict(meta))
             faults.point("neighbours.before_commit")
-            w.commit(data)
-            report.segments = sorted(pending)
+            w.commit(edit)
+            report.segments = [segment_name(n) for n in sorted(pending)]
             report.committed = True
+        shutil.rmtree(w.root / "_work" / job, ignore_errors=True)
         report.version = w.base.version
     report.seconds = time.perf_counter() - started
     return report
@@ -370,38 +358,62 @@ def compute_neighbours(root: str | Path, k: int = DEFAULT_K, *, ef: int | None =
 
 # ---------------------------------------------------------------- staleness
 
+STATUS_NAMES = 20  # segment names a status lists at most per kind (the counts are exact)
 
-def status(snapshot: Snapshot) -> dict:
+
+def status(snapshot: Snapshot, names: int = STATUS_NAMES) -> dict:
     """How complete and how fresh the stored neighbours are: which segments have none, the snapshots they were
-    computed at, and the segments added since (whose chunks older neighbour files cannot name)."""
-    segs = snapshot.segments
+    computed at, and the segments added since (whose chunks older neighbour files cannot name). Counts come from
+    the root's summaries; the lists name at most `names` segments each, read from the groups that hold them."""
+    t = snapshot.totals_summary
     params = snapshot.config.get("neighbours")
-    with_n = {n: s for n, s in segs.items() if "neighbours" in s["files"]}
-    live = {n: s["chunks"] - s.get("deleted_chunks", 0) for n, s in segs.items()}
-    missing = sorted(n for n in segs if n not in with_n and live[n] > 0)
-    names = sorted(segs)
-    origins = np.array([origin_max(n, segs[n]) for n in names], dtype=np.int64)
-    chunks = np.array([live[n] for n in names], dtype=np.int64)
-    stale, added = [], set()
-    for n, s in sorted(with_n.items()):
-        wm = int(s["neighbours"]["watermark"])
-        newer = origins >= wm
-        if newer.any():
-            stale.append(n)
-            added.update(np.asarray(names)[newer].tolist())
-    computed = sorted({int(s["neighbours"]["computed_at"]) for s in with_n.values()})
-    oldest_wm = min((int(s["neighbours"]["watermark"]) for s in with_n.values()), default=None)
+    watermarks = {int(wm): n for wm, n in t["watermarks"].items()}
+    newest = t["origin_max"]
+    stale_count = sum(n for wm, n in watermarks.items() if wm <= newest)
+    if not t["with_neighbours"]:
+        names = 0  # never computed: nothing worth listing (and no group is read)
+    missing = _first(snapshot, lambda s: s["neighbours_missing"] > 0,
+                     lambda seg: "neighbours" not in seg.files and seg.live_chunks > 0, names)
+    stale = _first(snapshot, lambda s: any(int(wm) <= newest for wm in s["watermarks"]),
+                   lambda seg: "neighbours" in seg.files and int(seg.neighbours["watermark"]) <= newest, names)
+    added, added_chunks, added_count = [], 0, 0
+    if watermarks:
+        oldest = min(watermarks)
+        for i, ref in enumerate(snapshot.group_refs):  # segments numbered from the oldest watermark on: the groups at the end
+            if ref.summary["origin_max"] < oldest:
+                continue
+            for seg in snapshot.group(i).values():
+                if seg.origin >= oldest:
+                    added_count += 1
+                    added_chunks += seg.live_chunks
+                    if len(added) < names:
+                        added.append(seg.name)
     return {
         "params": params,
-        "segments": len(segs),
-        "computed": len(with_n),
+        "segments": t["segments"],
+        "computed": t["with_neighbours"],
+        "missing_count": t["neighbours_missing"],
         "missing": missing,
-        "missing_chunks": int(sum(live[n] for n in missing)),
-        "computed_at": computed,
+        "missing_chunks": t["neighbours_missing_chunks"],
+        "computed_at": t["computed_at"],
+        "stale_count": stale_count,
         "stale": stale,  # segments whose neighbours cannot name chunks of segments added since
-        "added_since": sorted(added),
-        "added_since_chunks": int(chunks[origins >= oldest_wm].sum()) if oldest_wm is not None else 0,
+        "added_since_count": added_count,
+        "added_since": added,
+        "added_since_chunks": added_chunks,
     }
+
+
+def _first(snapshot: Snapshot, group_wanted, wanted, n: int) -> list[str]:
+    out = []
+    if n <= 0:
+        return out
+    for seg in snapshot.segments_where(group_wanted):
+        if wanted(seg):
+            out.append(seg.name)
+            if len(out) >= n:
+                break
+    return out
 
 
 def describe(st: dict) -> str:
@@ -412,10 +424,10 @@ def describe(st: dict) -> str:
     at = ", ".join(f"v{v}" for v in st["computed_at"])
     parts = [f"k={p.get('k')} (margin {p.get('margin')}, ef {p.get('ef')}) for {st['computed']} of {st['segments']} "
              f"segment(s), computed at {at}"]
-    if st["missing"]:
-        parts.append(f"{len(st['missing'])} segment(s) ({st['missing_chunks']:,} chunks) have none")
-    if st["stale"]:
-        parts.append(f"{len(st['stale'])} segment(s) predate {len(st['added_since'])} segment(s) added since "
+    if st["missing_count"]:
+        parts.append(f"{st['missing_count']} segment(s) ({st['missing_chunks']:,} chunks) have none")
+    if st["stale_count"]:
+        parts.append(f"{st['stale_count']} segment(s) predate {st['added_since_count']} segment(s) added since "
                      f"({st['added_since_chunks']:,} chunks their neighbours cannot name; --refresh recomputes)")
     return "; ".join(parts)
 
@@ -423,12 +435,12 @@ def describe(st: dict) -> str:
 # ---------------------------------------------------------------- SQL view
 
 
-def sql_view(con, snapshot: Snapshot) -> None:
-    """Create the `neighbours(chunk_id, rank, neighbour_chunk_id, score)` view on a DuckDB connection that has
-    the `chunks` view: rows whose chunk or neighbour is not live in this snapshot are dropped, ranks renumbered."""
+def sql_view(con, files: list) -> None:
+    """Create the `neighbours(chunk_id, rank, neighbour_chunk_id, score)` view over the neighbours `files` on a
+    DuckDB connection that has the `chunks` view: rows whose chunk or neighbour is not live are dropped, ranks
+    renumbered."""
     from .sql import _files
 
-    files = snapshot.segment_files("neighbours")
     if not files:
         con.execute("CREATE VIEW neighbours AS SELECT NULL::BIGINT AS chunk_id, NULL::INTEGER AS rank, "
                     "NULL::BIGINT AS neighbour_chunk_id, NULL::FLOAT AS score WHERE false")
@@ -477,7 +489,7 @@ def _rewrite(root: Path, sources: list[Path], final: Path, keep_row) -> dict:
 
 
 def carry_over(root: Path, sources: list, kept_ids: list[np.ndarray], directory: Path) -> tuple[dict, dict] | None:
-    """For compaction: the neighbours of the kept chunks of `sources` ([name, entry] pairs, `kept_ids` their kept
+    """For compaction: the neighbours of the kept chunks of `sources` ([number, JSON entry] pairs, `kept_ids` their kept
     chunk ids) as one file in `directory`, or None when a source has no neighbours (or other parameters). Rows of
     dropped chunks go, on either side. Returns (file record, the new entry's `neighbours` metadata)."""
     metas = [seg.get("neighbours") for _, seg in sources]
@@ -491,7 +503,7 @@ def carry_over(root: Path, sources: list, kept_ids: list[np.ndarray], directory:
 
     dropped = []
     for (_, seg), kept in zip(sources, kept_ids):
-        ids = read_chunk_ids(root, seg)
+        ids = read_chunk_ids(root, seg["files"])
         dropped.append(np.setdiff1d(ids, kept, assume_unique=True))
     dropped = np.unique(np.concatenate(dropped)) if dropped else np.zeros(0, np.int64)
 
@@ -554,23 +566,22 @@ def purge(w, chunk_ranges, command: str = "redact") -> set[str]:
     if not len(lo):
         return set()
     dirty = files_naming(w.root, chunk_ranges)
-    touched = [n for n, s in sorted(w.base.segments.items())
-               if "neighbours" in s["files"] and s["files"]["neighbours"]["path"] in dirty]
+    touched = [s for s in w.base.segments_where(lambda g: g["with_neighbours"] > 0)
+               if "neighbours" in s.files and s.files["neighbours"]["path"] in dirty]
     if not touched:
         return dirty
-    data = w.base.derive(command)
-    for name in touched:
-        rec = data["segments"][name]["files"]["neighbours"]
-        old = w.root / rec["path"]
+    edit = w.edit(command)
+
+    def keep_row(t):
+        return ~(_in_ranges(t["chunk_id"].to_numpy(), lo, hi) | _in_ranges(t["neighbour_chunk_id"].to_numpy(), lo, hi))
+
+    for seg in touched:
+        old = seg.path(w.root, "neighbours")
         stem = old.name.removesuffix(".parquet").split("-v")[0]
-        final = w.track(old.with_name(f"{stem}-v{data['version']:08d}.parquet"))
-
-        def keep_row(t):
-            return ~(_in_ranges(t["chunk_id"].to_numpy(), lo, hi) | _in_ranges(t["neighbour_chunk_id"].to_numpy(), lo, hi))
-
-        data["segments"][name]["files"]["neighbours"] = _rewrite(w.root, [old], final, keep_row)
+        final = w.track(old.with_name(f"{stem}-v{edit.version:08d}.parquet"))
+        edit.set_files(seg.number, {"neighbours": _rewrite(w.root, [old], final, keep_row)})
         faults.point("redact.neighbours_rewritten")
-    w.commit(data)
+    w.commit(edit)
     return dirty
 
 
@@ -597,16 +608,17 @@ def verify_check(v) -> None:
     how stale or incomplete the stored neighbours are."""
     import pyarrow.parquet as pq
 
-    for name, seg in v.readable_segments():
-        rec = seg["files"].get("neighbours")
+    from .stages.index import read_chunk_ids
+
+    for seg in v.readable_segments():
+        name = seg.name
+        rec = seg.files.get("neighbours")
         if not rec:
             continue
-        meta = seg.get("neighbours") or {}
+        meta = seg.neighbours or {}
         t = pq.read_table(v.root / rec["path"], columns=["chunk_id", "rank"])
         ids = t["chunk_id"].to_numpy()
-        from .stages.index import read_chunk_ids
-
-        own = read_chunk_ids(v.root, seg)
+        own = read_chunk_ids(v.root, seg.files)
         if len(ids) and not np.isin(ids, own).all():
             v.error(f"{name}: neighbours file has rows for chunks of another segment", rec["path"])
         if len(ids) > 1 and (np.diff(ids) < 0).any():
@@ -620,5 +632,5 @@ def verify_check(v) -> None:
         for rel in sorted(files_naming(v.root, removed)):
             v.error("a neighbours file still names chunks that a redaction removed", rel)
     st = status(v.snapshot)
-    if st["computed"] and (st["missing"] or st["stale"]):
+    if st["computed"] and (st["missing_count"] or st["stale_count"]):
         v.info(f"stored neighbours: {describe(st)}")

@@ -1,18 +1,24 @@
-"""Nearest-neighbour queries over one snapshot: search every segment, merge, read only the winners.
+"""Nearest-neighbour queries over one snapshot: search every index unit, merge, read only the winners.
 
-Each live segment is searched on its own (its HNSW index, or brute force over
-its memory-mapped keys with `exact`), all segments at once on a thread pool
-(hnswlib and NumPy release the GIL). Tombstoned chunks are marked deleted in
-the loaded index, so the graph search skips them without losing neighbours;
-chunks excluded for one query (its own document) are over-fetched for and
-dropped. The per-segment candidates are merged into the global top k, and the
-chunk rows, document texts and continuations are read for the winners alone,
-from the Parquet row groups whose chunk_id statistics contain them.
+A query searches the snapshot's index units (listed in its root: fresh
+segments' own HNSW indexes and shards merged from many segments, in size
+tiers: retrodb/shards.py), plus, by brute force over their memory-mapped
+keys, the segments not indexed yet; all at once on a thread pool (hnswlib and
+NumPy release the GIL). `exact` searches every segment's keys instead. Dead
+chunks (tombstoned, or moved out of a shard by compaction) are marked deleted
+in the loaded index, so the graph search skips them without losing
+neighbours; chunks excluded for one query (its own document) are over-fetched
+for and dropped. The candidates are merged into the global top k, and the
+winners' rows are read for them alone: from each segment's chunk store
+(retrodb/store.py: memory-mapped, so a winner costs microseconds), or, for a
+segment written before chunk stores, from the Parquet row groups whose
+chunk_id statistics contain them. No group manifest is read but those of the
+winners' segments.
 
-A `Searcher` keeps what it loaded (indexes, key memmaps, Parquet metadata)
-for the next query; `Database.query` keeps one per database handle. Cache
-keys name the files an entry was built from, and an entry goes as soon as
-one of them is no longer in the handle's snapshot (an index loaded with
+A `Searcher` keeps what it loaded (indexes, key memmaps, stores, Parquet
+metadata) for the next query; `Database.query` keeps one per database handle.
+Cache keys name the files an entry was built from, and an entry goes as soon
+as one of them is no longer in the handle's snapshot (an index loaded with
 one tombstones file is not kept once a delete has replaced that file).
 
 A segment file that cannot be decoded is a CorruptDatabase naming the file
@@ -33,7 +39,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .errors import CorruptDatabase, MissingStage, RetrodbError, UsageError, require
-from .snapshot import Snapshot
+from .snapshot import Segment, Snapshot, segment_name
 from .stages.index import DEFAULT_PARAMS, open_keys, params_of, read_chunk_ids
 
 FEW_QUERIES = 8  # query texts embedded on one CPU thread (see Searcher._embed)
@@ -117,61 +123,57 @@ def _reads(attr: str):
 class _Exclusion:
     lo: int  # chunk ids lo .. hi-1 are excluded
     hi: int
-    segment: str  # where those chunks live (over-fetch is needed there only)
+    segment: int  # the segment those chunks live in (over-fetch is needed where it is searched only)
 
 
-class _Segment:
-    """What queries need of one segment, loaded lazily and kept."""
+class _Reader:
+    """What queries read of one segment (keys, chunk ids, rows of the winners), loaded lazily and kept."""
 
-    def __init__(self, root: Path, name: str, seg: dict, cache: dict):
+    def __init__(self, root: Path, seg: Segment, cache: dict):
         import pyarrow.parquet as pq
 
         self.root = root
-        self.name = name
         self.seg = seg
-        self.files = seg["files"]
+        self.number = seg.number
+        self.name = seg.name
+        self.files = seg.files
         self.cache = cache
         self.lock = threading.Lock()
         self.chunk_path = root / self.files["chunks"]["path"]
         self.doc_path = root / self.files["documents"]["path"]
-        with reading(root, self.chunk_path):
-            self.chunk_md = pq.read_metadata(self.chunk_path)
-        self.rg_min, self.rg_max, self.rg_start = _row_group_ranges(self.chunk_md, "chunk_id")
+        key = ("chunk_md", self.files["chunks"]["path"])
+        if key not in cache:
+            with reading(root, self.chunk_path):
+                md = pq.read_metadata(self.chunk_path)
+            cache[key] = (md, *_row_group_ranges(md, "chunk_id"))
+        self.chunk_md, self.rg_min, self.rg_max, self.rg_start = cache[key]
         self.tomb_lo, self.tomb_hi = self._tombstones()
-        self.live = int(seg["chunks"]) - int((self.tomb_hi - self.tomb_lo).sum())
+        self.live = seg.live_chunks
         self._ids: np.ndarray | None = None
         self._docs: tuple | None = None
-        self._doc_ids = None
 
     # -- tombstones
     def _tombstones(self) -> tuple[np.ndarray, np.ndarray]:
         rec = self.files.get("tombstones")
         if not rec:
             return np.empty(0, np.int64), np.empty(0, np.int64)
-        key = ("tombstones", rec["path"], rec["sha256"])
+        key = ("tombstones", rec["path"])
         if key not in self.cache:
-            import pyarrow.parquet as pq
+            from .tombstones import deleted_ranges
 
             with reading(self.root, self.root / rec["path"]):
-                t = pq.read_table(self.root / rec["path"], columns=["first_chunk_id", "num_chunks"])
-            lo = t["first_chunk_id"].to_numpy().astype(np.int64)
-            hi = lo + t["num_chunks"].to_numpy().astype(np.int64)
-            order = np.argsort(lo, kind="stable")
-            self.cache[key] = (lo[order], hi[order])
+                self.cache[key] = deleted_ranges(self.root, self.files)
         return self.cache[key]
 
     def deleted(self, ids: np.ndarray) -> np.ndarray:
         """Boolean mask: which of `ids` are tombstoned in this snapshot."""
-        if not len(self.tomb_lo):
-            return np.zeros(len(ids), dtype=bool)
-        at = np.searchsorted(self.tomb_lo, ids, side="right") - 1
-        return (at >= 0) & (ids < self.tomb_hi[np.maximum(at, 0)])
+        return _in(ids, self.tomb_lo, self.tomb_hi)
 
     # -- keys and ids
     def keys(self) -> np.ndarray:
         key = ("keys", self.files["keys"]["path"])
         if key not in self.cache:
-            self.cache[key] = open_keys(self.root, self.seg)
+            self.cache[key] = open_keys(self.root, self.files)
         return self.cache[key]
 
     @_reads("chunk_path")
@@ -179,7 +181,7 @@ class _Segment:
         if self._ids is None:
             key = ("chunk_ids", self.files["chunks"]["path"])
             if key not in self.cache:
-                self.cache[key] = read_chunk_ids(self.root, self.seg)
+                self.cache[key] = read_chunk_ids(self.root, self.files)
             self._ids = self.cache[key]
         return self._ids
 
@@ -195,34 +197,6 @@ class _Segment:
             if len(hit):
                 return int(self.rg_start[rg] + hit[0])
         return None
-
-    # -- index
-    def has_index(self) -> bool:
-        return "index" in self.files
-
-    def index(self, dim: int, default_space: str):
-        rec = self.files["index"]
-        tomb = self.files.get("tombstones", {}).get("path")
-        key = ("index", rec["path"], tomb)
-        with self.lock:
-            if key not in self.cache:
-                hnswlib = require("hnswlib", "index")
-                space = (params_of(rec["path"]) or {}).get("space", default_space)
-                idx = hnswlib.Index(space=space, dim=dim)
-                try:
-                    idx.load_index(str(self.root / rec["path"]))
-                except RuntimeError as exc:
-                    raise CorruptDatabase(f"cannot load index {rec['path']}: {exc}",
-                                          hint=f"run: retrodb verify {self.root}; rebuild it: retrodb index "
-                                               f"{self.root} --rebuild") from None
-                for lo, hi in zip(self.tomb_lo.tolist(), self.tomb_hi.tolist()):
-                    for label in range(lo, hi):
-                        try:
-                            idx.mark_deleted(label)
-                        except RuntimeError:  # not in this index (already gone)
-                            pass
-                self.cache[key] = idx
-            return self.cache[key]
 
     # -- documents
     @_reads("doc_path")
@@ -242,23 +216,6 @@ class _Segment:
             self._docs = self.cache[key]
         return self._docs
 
-    @_reads("doc_path")
-    def doc_ranges(self, doc_id: str) -> list[tuple[int, int]]:
-        """Chunk id ranges of the live document `doc_id` in this segment (empty if it is not here)."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        if self._doc_ids is None:
-            key = ("doc_ids", self.files["documents"]["path"])
-            if key not in self.cache:
-                self.cache[key] = pq.read_table(self.doc_path, columns=["doc_id"]).column(0).combine_chunks()
-            self._doc_ids = self.cache[key]
-        rows = np.flatnonzero(pc.equal(self._doc_ids, pa.scalar(doc_id)).to_numpy(zero_copy_only=False))
-        first, count, *_ = self.doc_table()
-        out = [(int(first[r]), int(first[r] + count[r])) for r in rows]
-        return [(lo, hi) for lo, hi in out if not self.deleted(np.array([lo]))[0]]
-
     def doc_range_of_chunk(self, chunk_id: int) -> tuple[int, int] | None:
         first, count, order, _, _ = self.doc_table()
         at = np.searchsorted(first[order], chunk_id, side="right") - 1
@@ -266,6 +223,31 @@ class _Segment:
             return None
         row = order[at]
         return (int(first[row]), int(first[row] + count[row])) if chunk_id < first[row] + count[row] else None
+
+    # -- the winners' rows
+    def store(self):
+        from .store import ChunkStore
+
+        rec = self.files["store"]
+        key = ("store", rec["path"])
+        if key not in self.cache:
+            with reading(self.root, self.root / rec["path"]):
+                self.cache[key] = ChunkStore(self.root / rec["path"])
+        return self.cache[key]
+
+    def read(self, ids: list[int]) -> dict[int, dict]:
+        """{chunk_id: {doc_id, position, text, tokens, continuation, continuation_tokens}} of live chunks of
+        this segment: from its chunk store (memory-mapped, a few microseconds a chunk), or, for a segment
+        written before chunk stores, from the Parquet row groups that hold them."""
+        if "store" in self.files:
+            with reading(self.root, self.root / self.files["store"]["path"]):
+                out = self.store().read(ids)
+            missing = [c for c in ids if c not in out]
+            if missing:
+                raise CorruptDatabase(f"chunk {missing[0]} of {self.name} is in the index but not in its tables",
+                                      hint=f"run: retrodb verify {self.root}")
+            return out
+        return self._read_parquet(ids)
 
     @_reads("doc_path")
     def doc_texts(self, first_chunk_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
@@ -310,6 +292,135 @@ class _Segment:
         t = t.filter(pc.is_in(t["chunk_id"], value_set=pa.array(ids)))
         return {r["chunk_id"]: r for r in t.to_pylist()}
 
+    def _read_parquet(self, ids: list[int]) -> dict[int, dict]:
+        rows = self.chunk_rows(ids + [c + 1 for c in ids])  # continuations are (almost always) the next id
+        missing = [r["continuation_id"] for c in ids if (r := rows.get(c)) and r["continuation_id"] is not None
+                   and r["continuation_id"] not in rows]
+        rows.update(self.chunk_rows(missing))
+        firsts = {c: c - rows[c]["position"] for c in ids if c in rows}
+        docs = self.doc_texts(firsts.values())
+        out = {}
+        for c in ids:
+            r = rows.get(c)
+            doc = docs.get(firsts.get(c)) if r else None
+            if r is None or doc is None or doc[0] != r["doc_id"]:
+                raise CorruptDatabase(f"chunk {c} of {self.name} is in the index but not in its tables",
+                                      hint=f"run: retrodb verify {self.root}")
+            text = doc[1]
+            cont = rows.get(r["continuation_id"]) if r["continuation_id"] is not None else None
+            out[c] = {
+                "doc_id": r["doc_id"], "position": r["position"], "text": text[r["char_start"]: r["char_end"]],
+                "tokens": r["tokens"],
+                "continuation": text[cont["char_start"]: cont["char_end"]] if cont else None,
+                "continuation_tokens": cont["tokens"] if cont else [],
+            }
+        return out
+
+
+class _Target:
+    """One thing a query searches: an index unit (a segment's own HNSW index, or a shard of many segments), or
+    a segment's keys searched exactly (no index yet, or `exact`)."""
+
+    def __init__(self, root: Path, cache: dict, *, unit: dict | None = None, reader: _Reader | None = None):
+        self.root = root
+        self.cache = cache
+        self.unit = unit
+        self.reader = reader
+        self.lock = threading.Lock()
+        if unit is not None:
+            self.name = unit["name"]
+            self.kind = unit["kind"]
+            self.live = int(unit["live"])
+            self.dead_lo, self.dead_hi = self._dead()
+            self.segment = unit.get("segment")
+        else:
+            self.name, self.kind, self.live = reader.name, "exact", reader.live
+            self.dead_lo, self.dead_hi = reader.tomb_lo, reader.tomb_hi
+            self.segment = reader.number
+        self._ranges: np.ndarray | None = None
+
+    def _dead(self) -> tuple[np.ndarray, np.ndarray]:
+        rec = self.unit["files"].get("tombstones" if self.kind == "segment" else "dead")
+        if not rec:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        key = ("dead", rec["path"])
+        if key not in self.cache:
+            from .shards import read_dead
+
+            with reading(self.root, self.root / rec["path"]):
+                r = read_dead(self.root, self.unit)
+            self.cache[key] = (r[:, 0].copy(), r[:, 1].copy())
+        return self.cache[key]
+
+    def deleted(self, ids: np.ndarray) -> np.ndarray:
+        return _in(ids, self.dead_lo, self.dead_hi)
+
+    def ranges(self) -> np.ndarray:
+        """[lo, hi, segment] rows of a shard (sorted by lo)."""
+        if self._ranges is None:
+            rec = self.unit["files"]["ranges"]
+            key = ("ranges", rec["path"])
+            if key not in self.cache:
+                from .shards import read_ranges
+
+                with reading(self.root, self.root / rec["path"]):
+                    self.cache[key] = read_ranges(self.root, self.unit)
+            self._ranges = self.cache[key]
+        return self._ranges
+
+    def holds(self, segment: int) -> bool:
+        if self.kind != "shard":
+            return self.segment == segment
+        return bool((self.ranges()[:, 2] == segment).any())
+
+    def segments_of(self, labels: np.ndarray) -> np.ndarray:
+        """The segment number of each chunk id (-1 where this target does not hold it)."""
+        if self.kind != "shard":
+            return np.full(labels.shape, self.segment, dtype=np.int64)
+        r = self.ranges()
+        at = np.searchsorted(r[:, 0], labels, side="right") - 1
+        ok = (at >= 0) & (labels < r[np.maximum(at, 0), 1])
+        return np.where(ok, r[np.maximum(at, 0), 2], -1)
+
+    def index(self, dim: int, default_space: str):
+        rec = self.unit["files"]["index"]
+        dead = (self.unit["files"].get("tombstones" if self.kind == "segment" else "dead") or {}).get("path")
+        key = ("index", rec["path"], dead)
+        with self.lock:
+            if key not in self.cache:
+                hnswlib = require("hnswlib", "index")
+                space = (params_of(rec["path"]) or {}).get("space", default_space)
+                idx = hnswlib.Index(space=space, dim=dim)
+                try:
+                    idx.load_index(str(self.root / rec["path"]))
+                except RuntimeError as exc:
+                    raise CorruptDatabase(f"cannot load index {rec['path']}: {exc}",
+                                          hint=f"run: retrodb verify {self.root}; rebuild it: retrodb index "
+                                               f"{self.root} --rebuild") from None
+                for lo, hi in zip(self.dead_lo.tolist(), self.dead_hi.tolist()):
+                    for label in range(lo, hi):
+                        try:
+                            idx.mark_deleted(label)
+                        except RuntimeError:  # not in this index (already gone)
+                            pass
+                self.cache[key] = idx
+            return self.cache[key]
+
+    def space(self, default_space: str) -> str:
+        if self.unit is not None:
+            p = params_of(self.unit["files"]["index"]["path"])
+            if p:
+                return p["space"]
+        return default_space
+
+
+def _in(ids: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """True where ids fall in any [lo, hi) (lo sorted, ranges disjoint)."""
+    if not len(lo):
+        return np.zeros(np.shape(ids), dtype=bool)
+    at = np.searchsorted(lo, ids, side="right") - 1
+    return (at >= 0) & (ids < hi[np.maximum(at, 0)])
+
 
 def _row_group_ranges(md, column: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row group: min and max of `column` (from statistics; unknown: the widest range) and first row."""
@@ -340,9 +451,11 @@ class Searcher:
         self.threads = threads or default_workers()
         self.device = device
         self.config = snapshot.config
-        self._segments: dict[str, _Segment] | None = None
+        self._readers: dict[int, _Reader] = {}
+        self._targets: list[_Target] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._reader_lock = threading.Lock()
 
     # ------------------------------------------------------------ public
 
@@ -404,33 +517,44 @@ class Searcher:
             return out
 
     def search(self, q: np.ndarray, k: int, *, ef: int = 64, exact: bool = False,
-               exclusions: list[list[_Exclusion]] | None = None, warn=None) -> list[list[tuple[int, float, str]]]:
-        """The global top k of each query row as (chunk_id, score, segment), reading no chunk text."""
+               exclusions: list[list[_Exclusion]] | None = None, warn=None) -> list[list[tuple[int, float, int]]]:
+        """The global top k of each query row as (chunk_id, score, segment number), reading no chunk text."""
         warn = warn or (lambda m: warnings.warn(m, QueryWarning, stacklevel=3))
         q = np.ascontiguousarray(q, dtype=np.float32)
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         exclusions = exclusions or [[] for _ in range(len(q))]
-        segs = [s for s in self.segments().values() if "keys" in s.files and s.live > 0]
+        targets = [t for t in (self.exact_targets() if exact else self.targets()) if t.live > 0]
         if not exact:
-            missing = [s for s in segs if not s.has_index()]
+            missing = [t for t in targets if t.kind == "exact"]
             if missing:
-                n = sum(s.live for s in missing)
+                n = sum(t.live for t in missing)
                 warn(f"{len(missing)} segment(s) ({n:,} chunks) have no index yet and were searched exactly "
                      f"(brute force); build them with: retrodb index {self.root}")
-        threads_each = max(1, self.threads // max(1, len(segs)))
+        threads_each = max(1, self.threads // max(1, len(targets)))
 
-        def one(seg: _Segment):
-            extra = max((sum(e.hi - e.lo for e in ex if e.segment == seg.name) for ex in exclusions), default=0)
-            m = min(k + extra, seg.live)
-            if exact or not seg.has_index():
-                return seg.name, *self._exact(seg, q, m)
-            return seg.name, *self._hnsw(seg, q, m, ef, threads_each)
+        def one(t: _Target):
+            extra = max((sum(e.hi - e.lo for e in ex if t.holds(e.segment)) for ex in exclusions), default=0)
+            m = min(k + extra, t.live)
+            labels, scores = self.search_target(t, q, m, ef, threads_each)
+            return t, labels, scores
 
-        if len(segs) > 1 and self.threads > 1:
-            results = list(self._executor().map(one, segs))
+        if len(targets) > 1 and self.threads > 1:
+            results = list(self._executor().map(one, targets))
         else:
-            results = [one(s) for s in segs]
+            results = [one(t) for t in targets]
         return self._merge(results, k, exclusions)
+
+    def search_target(self, t: _Target, q: np.ndarray, m: int, ef: int, threads: int | None = None):
+        """(chunk ids, scores) [n, m] of one target, best first; deleted chunks have score -inf."""
+        threads = threads or self.threads
+        if t.kind == "exact":
+            labels, scores = self._exact(t.reader, q, m)
+        else:
+            labels, scores = self._hnsw(t, q, m, ef, threads)
+        labels = np.asarray(labels, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float32).copy()
+        scores[t.deleted(labels.ravel()).reshape(labels.shape)] = -np.inf
+        return labels, scores
 
     def close(self) -> None:
         if self._pool is not None:
@@ -447,10 +571,31 @@ class Searcher:
     def _tokens(self, text: str) -> list[int]:
         return self._tokenizer().encode(text, add_special_tokens=False).ids
 
-    def segments(self) -> dict[str, _Segment]:
-        if self._segments is None:
-            self._segments = {n: _Segment(self.root, n, s, self.cache) for n, s in sorted(self.snapshot.segments.items())}
-        return self._segments
+    def reader(self, number: int) -> _Reader | None:
+        """The reader of a live segment (its group manifest is read the first time, then cached)."""
+        with self._reader_lock:
+            if number not in self._readers:
+                seg = self.snapshot.segment(number)
+                if seg is None:
+                    return None
+                self._readers[number] = _Reader(self.root, seg, self.cache)
+            return self._readers[number]
+
+    def targets(self) -> list[_Target]:
+        """What a query searches: the snapshot's index units (from its root) and, exactly, the segments that have
+        keys but no index yet (from the groups whose summary counts one)."""
+        if self._targets is None:
+            out = [_Target(self.root, self.cache, unit=u) for u in self.snapshot.index_units]
+            for seg in self.snapshot.segments_where(lambda s: s["unindexed"] > 0):
+                if "keys" in seg.files and not seg.indexed:
+                    out.append(_Target(self.root, self.cache, reader=self.reader(seg.number)))
+            self._targets = out
+        return self._targets
+
+    def exact_targets(self) -> list[_Target]:
+        """Every segment with keys, searched by brute force (reads every group)."""
+        return [_Target(self.root, self.cache, reader=self.reader(seg.number))
+                for seg in self.snapshot.segments.values() if "keys" in seg.files]
 
     def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -458,18 +603,16 @@ class Searcher:
         return self._pool
 
     def _check_searchable(self, warn) -> None:
-        segs = self.snapshot.segments
-        if not segs:
+        t = self.snapshot.totals_summary
+        if not t["segments"]:
             raise MissingStage(f"{self.root} (v{self.snapshot.version}) has no documents",
                                hint=f"run: retrodb ingest {self.root} SOURCE...")
-        if not self.config.get("embedder") or not any("keys" in s["files"] for s in segs.values()):
+        if not self.config.get("embedder") or t["without_keys"] == t["segments"]:
             raise MissingStage(f"{self.root} (v{self.snapshot.version}) has no keys yet, so nothing can be searched",
                                hint=f"run: retrodb embed {self.root}")
-        without = [n for n, s in segs.items() if "keys" not in s["files"]]
-        if without:
-            n = sum(segs[s]["chunks"] for s in without)
-            warn(f"{len(without)} segment(s) ({n:,} chunks) have no keys yet and were not searched; "
-                 f"run: retrodb embed {self.root}")
+        if t["without_keys"]:
+            warn(f"{t['without_keys']} segment(s) ({t['without_keys_chunks']:,} chunks) have no keys yet and were "
+                 f"not searched; run: retrodb embed {self.root}")
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         key = ("embedder", self.config["embedder"]["sha256"], self.device)
@@ -493,48 +636,69 @@ class Searcher:
             torch.set_num_threads(threads)
 
     def _doc_exclusions(self, doc_ids: list[str], warn) -> list[_Exclusion]:
-        out = []
-        for doc_id in doc_ids:
-            found = [_Exclusion(lo, hi, s.name) for s in self.segments().values() for lo, hi in s.doc_ranges(doc_id)]
-            if not found:
-                warn(f"--exclude-doc {doc_id!r}: no such live document in v{self.snapshot.version}")
-            out.extend(found)
-        return out
+        """The chunk ranges of live documents, found through the id index."""
+        from .ids import lookup
 
-    def _locate(self, chunk_id: int) -> tuple[_Segment, int]:
-        """The segment and row of a live chunk; its own segment first (chunk ids carry it), then the others."""
-        segs = self.segments()
-        home = f"seg-{chunk_id >> 32:06d}"
-        order = ([segs[home]] if home in segs else []) + [s for n, s in segs.items() if n != home]
-        for seg in order:
-            if seg.rg_max.size and (seg.rg_min.min() > chunk_id or seg.rg_max.max() < chunk_id):
-                continue
-            row = seg.row_of(chunk_id)
-            if row is not None:
-                if seg.deleted(np.array([chunk_id]))[0]:
-                    break
-                return seg, row
+        if not doc_ids:
+            return []
+        live, _ = lookup(self.snapshot, doc_ids)
+        found = {d.doc_id for d in live}
+        for doc_id in doc_ids:
+            if doc_id not in found:
+                warn(f"--exclude-doc {doc_id!r}: no such live document in v{self.snapshot.version}")
+        return [_Exclusion(d.first_chunk_id, d.first_chunk_id + d.num_chunks, d.segment) for d in live]
+
+    def _locate(self, chunk_id: int) -> tuple[_Reader, int]:
+        """The segment and row of a live chunk: the shard that indexes it says which segment holds it; else the
+        segment that wrote it (chunk ids carry it); else a segment a compaction wrote it into."""
+        ids = np.array([chunk_id], dtype=np.int64)
+        candidates = []
+        for t in self.targets():
+            if t.kind == "shard":
+                n = int(t.segments_of(ids)[0])
+                if n >= 0:
+                    candidates.append(n)
+        candidates.append(chunk_id >> 32)
+        seen = set()
+        for number in candidates + [None]:
+            if number is None:  # compacted segments hold chunks of older segment numbers
+                rest = [s.number for s in self.snapshot.segments_where(lambda s: s["compacted"] > 0)
+                        if s.compacted_from and s.number not in seen]
+            else:
+                rest = [number]
+            for n in rest:
+                if n in seen:
+                    continue
+                seen.add(n)
+                r = self.reader(n)
+                if r is None or (r.rg_max.size and (r.rg_min.min() > chunk_id or r.rg_max.max() < chunk_id)):
+                    continue
+                row = r.row_of(chunk_id)
+                if row is not None:
+                    if r.deleted(ids)[0]:
+                        break
+                    return r, row
         raise RetrodbError(f"chunk {chunk_id} is not in {self.root} at v{self.snapshot.version} "
                            "(never existed, or deleted)",
                            hint=f'find chunk ids with: retrodb sql {self.root} "SELECT chunk_id, doc_id FROM chunks LIMIT 5"')
 
-    def _chunk_keys(self, chunk_ids: list[int]) -> tuple[np.ndarray, list[list[_Exclusion]], list[str]]:
+    def _chunk_keys(self, chunk_ids: list[int]) -> tuple[np.ndarray, list[list[_Exclusion]], list[int]]:
         """The stored keys of chunks, the id ranges of their documents, and their segments."""
         rows, own, homes = [], [], []
         for cid in chunk_ids:
-            seg, row = self._locate(cid)
-            if "keys" not in seg.files:
-                raise MissingStage(f"chunk {cid} is in {seg.name}, which has no keys yet",
+            r, row = self._locate(cid)
+            if "keys" not in r.files:
+                raise MissingStage(f"chunk {cid} is in {r.name}, which has no keys yet",
                                    hint=f"run: retrodb embed {self.root}")
-            rows.append(np.asarray(seg.keys()[row], dtype=np.float32))
-            span = seg.doc_range_of_chunk(cid)
-            own.append([_Exclusion(*span, seg.name)] if span else [])
-            homes.append(seg.name)
+            rows.append(np.asarray(r.keys()[row], dtype=np.float32))
+            span = r.doc_range_of_chunk(cid)
+            own.append([_Exclusion(*span, r.number)] if span else [])
+            homes.append(r.number)
         return np.stack(rows), own, homes
 
-    def _hnsw(self, seg: _Segment, q: np.ndarray, m: int, ef: int, threads: int):
-        idx = seg.index(int(self.config["embedder"]["dim"]), (self.config.get("index") or DEFAULT_PARAMS)["space"])
-        with seg.lock:  # ef is per index: one search at a time on a given segment
+    def _hnsw(self, t: _Target, q: np.ndarray, m: int, ef: int, threads: int):
+        idx = t.index(int(self.config["embedder"]["dim"]), self._default_space())
+        with t.lock:  # ef is per index: one search at a time on a given index
             for breadth in (max(ef, m), max(4 * ef, 4 * m)):
                 idx.set_ef(breadth)
                 try:
@@ -542,13 +706,23 @@ class Searcher:
                     return labels.astype(np.int64), 1.0 - dist
                 except RuntimeError:  # fewer than m live neighbours reachable at this breadth
                     continue
-        return self._exact(seg, q, m)
+        return self._exact_unit(t, q, m)
 
-    def _exact(self, seg: _Segment, q: np.ndarray, m: int):
+    def _exact_unit(self, t: _Target, q: np.ndarray, m: int):
+        """A unit whose graph could not give m live results: its segments' keys, exactly."""
+        numbers = [t.segment] if t.kind != "shard" else sorted(set(t.ranges()[:, 2].tolist()))
+        parts = [self._exact(r, q, m) for n in numbers if (r := self.reader(n)) is not None]
+        if not parts:
+            return np.zeros((len(q), 0), np.int64), np.zeros((len(q), 0), np.float32)
+        labels = np.concatenate([p[0] for p in parts], axis=1)
+        scores = np.concatenate([p[1] for p in parts], axis=1)
+        return labels, scores
+
+    def _exact(self, seg: _Reader, q: np.ndarray, m: int):
         keys = seg.keys()
         ids = seg.chunk_ids()
         dead = seg.deleted(ids)
-        cosine = self._space(seg) == "cosine"
+        cosine = self._default_space() == "cosine"
         n = len(keys)
         best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
         best_i = np.zeros((len(q), 0), dtype=np.int64)
@@ -568,70 +742,47 @@ class Searcher:
             best_s, best_i = cand_s, cand_i
         return ids[best_i], best_s
 
-    def _space(self, seg: _Segment) -> str:
-        if seg.has_index():
-            p = params_of(seg.files["index"]["path"])
-            if p:
-                return p["space"]
+    def _default_space(self) -> str:
         return (self.config.get("index") or DEFAULT_PARAMS)["space"]
 
-    def _merge(self, results, k: int, exclusions: list[list[_Exclusion]]) -> list[list[tuple[int, float, str]]]:
-        segs = self.segments()
+    def _merge(self, results, k: int, exclusions: list[list[_Exclusion]]) -> list[list[tuple[int, float, int]]]:
         out = []
         for i, ex in enumerate(exclusions):
-            ids, scores, names = [], [], []
-            for name, labels, sc in results:
+            ids, scores, segs = [], [], []
+            for t, labels, sc in results:
                 lab, s = labels[i], sc[i]
-                keep = np.isfinite(s) & ~segs[name].deleted(lab)
+                keep = np.isfinite(s) & ~t.deleted(lab)
                 for e in ex:
                     keep &= (lab < e.lo) | (lab >= e.hi)
                 ids.append(lab[keep])
                 scores.append(s[keep].astype(np.float64))
-                names.extend([name] * int(keep.sum()))
-            if not names:
+                segs.append(t.segments_of(lab[keep]))
+            ids_a = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+            if not len(ids_a):
                 out.append([])
                 continue
-            ids_a, sc_a = np.concatenate(ids), np.concatenate(scores)
+            sc_a, seg_a = np.concatenate(scores), np.concatenate(segs)
+            ids_a, first = np.unique(ids_a, return_index=True)  # a chunk in two targets (compacted) counts once
+            sc_a, seg_a = sc_a[first], seg_a[first]
             order = np.lexsort((ids_a, -sc_a))[:k]
-            out.append([(int(ids_a[j]), float(sc_a[j]), names[j]) for j in order])
+            out.append([(int(ids_a[j]), float(sc_a[j]), int(seg_a[j])) for j in order])
         return out
 
-    def _read_chunks(self, where: dict[int, str]) -> dict[int, dict]:
-        """Rows of the given chunks (by segment) with their text, continuation text and tokens."""
-        by_seg: dict[str, list[int]] = {}
-        for cid, name in where.items():
-            by_seg.setdefault(name, []).append(cid)
-        segs = self.segments()
-        jobs = [(segs[name], ids) for name, ids in by_seg.items()]
-        if len(jobs) > 1 and self.threads > 1:  # Parquet decoding releases the GIL
-            parts = list(self._executor().map(lambda job: self._read_segment_chunks(*job), jobs))
+    def _read_chunks(self, where: dict[int, int]) -> dict[int, dict]:
+        """Rows of the given chunks (by segment number) with their text, continuation text and tokens."""
+        by_seg: dict[int, list[int]] = {}
+        for cid, number in where.items():
+            by_seg.setdefault(number, []).append(cid)
+        jobs = [(self.reader(n), ids) for n, ids in by_seg.items()]
+        missing = [n for (r, _), n in zip(jobs, by_seg) if r is None]
+        if missing:
+            raise CorruptDatabase(f"an index of {self.root} names a chunk of {segment_name(missing[0])}, which is not "
+                                  f"in snapshot v{self.snapshot.version}", hint=f"run: retrodb verify {self.root}")
+        if len(jobs) > 1 and self.threads > 1 and not all("store" in r.files for r, _ in jobs):
+            parts = list(self._executor().map(lambda job: job[0].read(job[1]), jobs))  # Parquet releases the GIL
         else:
-            parts = [self._read_segment_chunks(*job) for job in jobs]
+            parts = [r.read(ids) for r, ids in jobs]
         return {cid: row for part in parts for cid, row in part.items()}
-
-    def _read_segment_chunks(self, seg: _Segment, ids: list[int]) -> dict[int, dict]:
-        rows = seg.chunk_rows(ids + [c + 1 for c in ids])  # continuations are (almost always) the next id
-        missing = [r["continuation_id"] for c in ids if (r := rows.get(c)) and r["continuation_id"] is not None
-                   and r["continuation_id"] not in rows]
-        rows.update(seg.chunk_rows(missing))
-        firsts = {c: c - rows[c]["position"] for c in ids if c in rows}
-        docs = seg.doc_texts(firsts.values())
-        out = {}
-        for c in ids:
-            r = rows.get(c)
-            doc = docs.get(firsts.get(c)) if r else None
-            if r is None or doc is None or doc[0] != r["doc_id"]:
-                raise CorruptDatabase(f"chunk {c} of {seg.name} is in the index but not in its tables",
-                                      hint=f"run: retrodb verify {self.root}")
-            text = doc[1]
-            cont = rows.get(r["continuation_id"]) if r["continuation_id"] is not None else None
-            out[c] = {
-                "doc_id": r["doc_id"], "position": r["position"], "text": text[r["char_start"]: r["char_end"]],
-                "tokens": r["tokens"],
-                "continuation": text[cont["char_start"]: cont["char_end"]] if cont else None,
-                "continuation_tokens": cont["tokens"] if cont else [],
-            }
-        return out
 
 
 def _query_device(device: str, identity: dict) -> tuple[str, str]:
@@ -701,8 +852,9 @@ def searcher_for(db, threads: int | None = None, device: str = "auto") -> Search
     cache = db.__dict__.setdefault("_query_cache", {})
     if searcher is not None:
         searcher.close()
-        live = {f["path"] for f in db.snapshot.files()}
-        for key in [key for key in cache if not all(p in live for p in _paths_in(key))]:
+        from .database import referenced
+
+        for key in [key for key in cache if not all(referenced(db.snapshot, p) for p in _paths_in(key))]:
             del cache[key]
     searcher = Searcher(db.snapshot, cache, threads=threads, device=device)
     db.__dict__["_searcher"] = searcher
@@ -710,5 +862,5 @@ def searcher_for(db, threads: int | None = None, device: str = "auto") -> Search
 
 
 def _paths_in(key: tuple) -> list[str]:
-    """The database files a cache entry was built from: the elements of its key that are segment paths."""
-    return [p for p in key[1:] if isinstance(p, str) and p.startswith("segments/")]
+    """The database files a cache entry was built from: the elements of its key that are database paths."""
+    return [p for p in key[1:] if isinstance(p, str) and p.split("/")[0] in ("segments", "indexes")]

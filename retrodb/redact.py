@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import faults
+from .snapshot import segment_name, segment_number
 from .errors import BadOption, RetrodbError
 from .pii import (DETECTORS, PatternError, compile_re2, find as find_pii, finditer_spans, json_variants,
                   literal_pattern, uses_unicode_classes)
@@ -224,8 +225,9 @@ class _TextMatcher:
 
 
 def plan_redaction(snapshot, selectors: list[Selector], mode: str | None = None, ignore_case: bool = False,
-                   sample_size: int = 5) -> RedactionPlan:
-    """Which documents (and spans, in every column that holds user data) the selectors match in `snapshot`."""
+                   sample_size: int = 5, segments: list | None = None) -> RedactionPlan:
+    """Which documents (and spans, in every column that holds user data) the selectors match in `snapshot` (in
+    `segments` of it only, when given: a physical scope, see `plan_physical`)."""
     from .sql import connect_readonly
 
     mode = mode or default_mode(selectors)
@@ -248,7 +250,7 @@ def plan_redaction(snapshot, selectors: list[Selector], mode: str | None = None,
     wanted = set(ids)
     matched: list[Match] = []
     values: dict[tuple[str, str], dict] = {}
-    con = connect_readonly(snapshot)
+    con = connect_readonly(snapshot, segments=segments)
     try:  # one parallel scan for all selectors and columns; Python sees the candidates, a batch at a time
         cur = con.execute(f"SELECT segment, first_chunk_id, num_chunks, num_tokens, {', '.join(COLUMNS)} "
                           "FROM documents WHERE " + " OR ".join(f"({c})" for c in conds), params)
@@ -416,44 +418,45 @@ class RedactReport:
         return dict(self.__dict__)
 
 
-def _physical_scope(root: Path) -> dict[str, dict]:
-    """Every segment any retained snapshot references (by name -> entry).
+def _physical_scope(root: Path, snapshot, doc_ids: list[str] | None) -> list:
+    """Every segment any retained snapshot references (the current snapshot's entry wins for its own), with its
+    tombstones left out: redaction looks at physical rows, not the current view (a tombstoned older version of a
+    document, or a segment only an old snapshot still references, holds the text just the same). With only
+    document ids to look for (`doc_ids`), only the segments the id runs say may hold them."""
+    from . import snapshot as snap
+    from .ids import locate
 
-    Redaction looks at physical rows, not the current view: a tombstoned older version of a document,
-    or a segment only an old snapshot still references, holds the text just the same.
-    """
+    segments: dict[int, object] = {}
+    current = snap.current_version(root)
+    versions = [v for v in snap.retained_versions(root) if v <= current and v != snapshot.version]
+    for s in [snapshot] + [x for v in versions if (x := _read_root(root, v)) is not None]:
+        if doc_ids is None:
+            found = s.segments.values()
+        else:
+            found = [s.segment(n) for n in sorted({d.segment for d in locate(s, doc_ids)})]
+        for seg in found:
+            segments.setdefault(seg.number, seg)
+    return [seg.with_files(drop=["tombstones"]) for _, seg in sorted(segments.items())]
+
+
+def _read_root(root: Path, version: int):
     from . import snapshot as snap
 
-    segments: dict[str, dict] = {}
-    current = snap.current_version(root)
-    for v in snap.retained_versions(root):
-        if v > current:
-            continue
-        try:
-            s = snap.read_manifest(root, v)
-        except RetrodbError:
-            continue
-        for name, seg in s.segments.items():
-            segments.setdefault(name, seg)
-    return segments
+    try:
+        return snap.read_manifest(root, version)
+    except RetrodbError:
+        return None
 
 
 def plan_physical(root: Path, snapshot, selectors: list[Selector], mode: str | None,
                   ignore_case: bool) -> RedactionPlan:
     """Like `plan_redaction`, over every physical row that any retained snapshot can reach."""
-    from .snapshot import Snapshot
-
-    segments = _physical_scope(root)
-    for name, seg in snapshot.segments.items():  # the current snapshot wins for live segments
-        segments[name] = seg
-    scope = Snapshot(root, {**snapshot.data, "segments": {n: {**s, "files": {k: v for k, v in s["files"].items()
-                                                                           if k != "tombstones"}}
-                                                          for n, s in segments.items()}})
-    return plan_redaction(scope, selectors, mode, ignore_case)
+    doc_ids = None if any(s.kind != "doc-id" for s in selectors) else [s.value for s in selectors]
+    return plan_redaction(snapshot, selectors, mode, ignore_case, segments=_physical_scope(root, snapshot, doc_ids))
 
 
 def _pending(snapshot) -> dict | None:
-    return (snapshot.data.get("pending") or {}).get("redaction")
+    return snapshot.pending.get("redaction")
 
 
 def pending_summary(snapshot) -> dict | None:
@@ -524,10 +527,12 @@ def _start(w, plan: RedactionPlan, selectors, mode: str, mask_token: str, ignore
     from .ingest import IngestOptions, stage_sources
     from .readers import Piece
 
-    live = w.base.segments
-    deleted = {n: tombstones.deleted_doc_ids(w.root, s) for n, s in live.items() if n in plan.segments}
-    to_tombstone = [m for m in plan.matches if m.segment in live and m.doc_id not in deleted.get(m.segment, ())]
-    data = w.base.derive("redact")
+    live = {n: seg for n in {segment_number(name) for name in plan.segments}
+            if (seg := w.base.segment(n)) is not None}
+    deleted = {n: tombstones.deleted_doc_ids(w.root, seg.files) for n, seg in live.items()}
+    to_tombstone = [m for m in plan.matches if segment_number(m.segment) in live
+                    and m.doc_id not in deleted[segment_number(m.segment)]]
+    edit = w.edit("redact")
     written: set[str] = set()
     if mode == "mask" and to_tombstone:
         docs = _masked_documents(w, plan, to_tombstone, mask_token)
@@ -535,20 +540,20 @@ def _start(w, plan: RedactionPlan, selectors, mode: str, mask_token: str, ignore
         piece = Piece("documents", "<redact>", size=sum(len(d.text) for d in docs), documents=docs)
         staged = stage_sources(w, job, [piece], [], IngestOptions(workers=1), replace=True)
         embedder, index_builder = segment_finishers(w.base.config, device)
-        finish_segments(w, staged.job_dir, staged.entries, embedder, index_builder)
-        data["segments"].update(staged.entries)
-        data["next_segment"] = staged.next_segment
-        report.masked_documents = sum(e["documents"] for e in staged.entries.values())
-        written.update(staged.entries)
-    tombstones.add(w, data, [{"segment": m.segment, "doc_id": m.doc_id, "first_chunk_id": m.first_chunk_id,
-                              "num_chunks": m.num_chunks, "num_tokens": m.num_tokens} for m in to_tombstone])
+        finish_segments(w, staged.job_dir, staged.segments, embedder, index_builder)
+        staged.put_into(edit)
+        report.masked_documents = sum(seg.documents for seg in staged.segments.values())
+        written.update(seg.name for seg in staged.segments.values())
+    tombstones.add(w, edit, [{"segment": segment_number(m.segment), "doc_id": m.doc_id,
+                              "first_chunk_id": m.first_chunk_id, "num_chunks": m.num_chunks,
+                              "num_tokens": m.num_tokens} for m in to_tombstone])
     entry = audit_entry(w.root, plan, selectors, ignore_case, w.base.version, -1)
     atomic_write_bytes(w.root / CHECK_FILE, json.dumps({
         "redaction": entry["redaction"], "ignore_case": ignore_case, "written": sorted(written),
         "needles": plan.matched_strings()}, ensure_ascii=False).encode())
-    data["pending"] = dict(data.get("pending") or {})
-    data["pending"]["redaction"] = {"segments": plan.segments, "audit": entry}
-    w.commit(data)
+    edit.pending = dict(edit.pending)
+    edit.pending["redaction"] = {"segments": plan.segments, "audit": entry}
+    w.commit(edit)
     return written
 
 
@@ -575,7 +580,10 @@ def _finish(w, report: RedactReport | None = None, written: set[str] = frozenset
     file it touched for the removed strings, append the audit entry, and only then commit with the pending mark
     cleared. Idempotent: a rerun after a crash redoes whatever is left, check included."""
     from . import snapshot as snap
+    from . import vacuum
     from .atomic import fsync_dir
+    from .ids import runs_holding
+    from .shards import redact_vectors
     from .stages.compact import CompactStage
 
     pending = _pending(w.base)
@@ -586,68 +594,87 @@ def _finish(w, report: RedactReport | None = None, written: set[str] = frozenset
             "another redaction, so the absence of the removed text cannot be checked",
             hint="restore the file from a backup, or prove absence with retrodb verify DB --absent TEXT")
     written = set(written) | set(check.get("written", []))
-    affected = set(pending["segments"])
-    live_affected = sorted(n for n in affected if n in w.base.segments)
+    affected = {segment_number(n) for n in pending["segments"]}
+    chunk_ranges = pending["audit"].get("chunk_ranges", [])
+    live_affected = sorted(n for n in affected if w.base.segment(n) is not None)
+    replaced: set[str] = set()
     if live_affected:  # compact: each affected live segment is rewritten without its tombstoned rows
-        job_dir = w.work_dir("redact-compact")
-        number = w.base.data["next_segment"]
-        units = [{"segment": number + i, "sources": [[n, w.base.segments[n]]]} for i, n in enumerate(live_affected)]
-        w.write_json(job_dir / "plan.json", {"base_version": w.base.version, "segments": [u["segment"] for u in units]})
+        job = "redact-compact"
+        job_dir = w.work_dir(job)
+        number = w.base.next_segment
+        units = [{"segment": number + i, "sources": [[n, w.base.segments[n].to_json()]]}
+                 for i, n in enumerate(live_affected)]
+        w.write_json(job_dir / "plan.json", {"base_version": w.base.version})
+        for unit in units:
+            w.new_segment_dir(unit["segment"], job)
         stage = CompactStage(w.root, job_dir, w.base.config.get("index"))
-        data = w.base.derive("redact")
+        edit = w.edit("redact")
         for unit in units:
             result = stage.run(unit)
-            del data["segments"][unit["sources"][0][0]]
+            edit.remove(unit["sources"][0][0])
             if result["entry"]["chunks"]:
-                data["segments"][snap.segment_name(result["segment"])] = result["entry"]
-                written.add(snap.segment_name(result["segment"]))
-            data["next_segment"] = max(data["next_segment"], result["segment"] + 1)
+                edit.apply(result)
+                written.add(segment_name(result["segment"]))
+            edit.next_segment = max(edit.next_segment, result["segment"] + 1)
+        # index shards keep the vectors of dead rows in their files: rewritten without those of removed chunks;
+        # the id runs hold the removed documents' ids: rewritten without the rows of the segments removed
+        replaced.update(redact_vectors(w, edit, chunk_ranges))
+        edit.purge_ids_of = set(affected)
         faults.point("redact.compacted")
         # the segments this redaction wrote, for the check of a run that resumes after this commit
         from .atomic import atomic_write_bytes
 
         atomic_write_bytes(w.root / CHECK_FILE, json.dumps({**check, "written": sorted(written)},
                                                           ensure_ascii=False).encode())
-        w.commit(data)
+        w.commit(edit)
         shutil.rmtree(job_dir, ignore_errors=True)
         if report is not None:
-            report.compacted_segments = live_affected
-    removed_neighbours = _purge_neighbours(w, pending["audit"].get("chunk_ranges", []))
-    # purge: every other snapshot that references an affected segment goes, whatever the retention
+            report.compacted_segments = [segment_name(n) for n in live_affected]
+    else:  # a rerun after the compaction's commit (or nothing live was affected): the same, if still needed
+        edit = w.edit("redact")
+        replaced.update(redact_vectors(w, edit, chunk_ranges))
+        edit.purge_ids_of = set(affected)
+        if replaced or runs_holding(w.base, affected):
+            w.commit(edit)
+    removed_neighbours = _purge_neighbours(w, chunk_ranges)
+    vacuum.finish_pending(w.root)  # files a killed vacuum had still to delete may hold the text too
+    # purge: every other snapshot that references an affected segment (or a file rewritten without the removed
+    # rows) goes, whatever the retention
     current = w.base.version
-    purged = []
+    purged, gone, kept = [], [], []
+    stale_files = removed_neighbours | replaced
     for v in snap.retained_versions(w.root):
         if v == current:
+            kept.append(w.base)
             continue
         try:
             s = snap.read_manifest(w.root, v)
         except RetrodbError:
             s = None
-        if s is None or affected & set(s.segments) or removed_neighbours & {r["path"] for r in s.files()}:
+        if s is None or any(s.segment(n) is not None for n in affected) or _references(s, stale_files):
             if s is not None:  # a trace for `log`: version, time, command; no content
-                _append_line(w.root / PURGED_LOG, {"version": v, "created": s.data.get("created"),
-                                                   "command": s.data.get("command"),
+                _append_line(w.root / PURGED_LOG, {"version": v, "created": s.created, "command": s.command,
                                                    "purged_by": pending["audit"].get("redaction"),
                                                    "purged_at": datetime.now(timezone.utc).isoformat(
                                                        timespec="seconds")})
+                gone.append(s)
             (w.root / snap.MANIFESTS / snap.manifest_name(v)).unlink(missing_ok=True)
             purged.append(v)
+        else:
+            kept.append(s)
     fsync_dir(w.root / snap.MANIFESTS)
     faults.point("redact.snapshots_purged")
-    # then every file no remaining snapshot references (the affected segments' old files among them)
-    referenced = set()
-    for v in snap.retained_versions(w.root):
-        referenced.update(rec["path"] for rec in snap.read_manifest(w.root, v).files())
+    # then every file no remaining snapshot references (the affected segments' old files among them); a privacy
+    # operation also sweeps the data directories for files no snapshot references, as `vacuum --full` does
+    files, directories = vacuum.garbage(w.root, kept, gone, full=True)
     removed = 0
-    seg_root = w.root / snap.SEGMENTS
-    for d in sorted(seg_root.iterdir()):
-        for f in sorted(d.iterdir()) if d.is_dir() else []:
-            if f.relative_to(w.root).as_posix() not in referenced:
-                f.unlink()
-                removed += 1
-        if d.is_dir() and not any(d.iterdir()):
-            d.rmdir()
-    fsync_dir(seg_root)
+    for rel in sorted(files):
+        (w.root / rel).unlink(missing_ok=True)
+        removed += 1
+    for rel in sorted(directories):
+        shutil.rmtree(w.root / rel, ignore_errors=True)
+    for parent in {Path(rel).parent for rel in directories}:
+        fsync_dir(w.root / parent)
     w.cleanup()  # temporary files and work dirs
     faults.point("redact.files_purged")
     if "needles" in check:  # the check runs until it passes once; then the needles leave the disk
@@ -659,20 +686,31 @@ def _finish(w, report: RedactReport | None = None, written: set[str] = frozenset
         atomic_write_bytes(w.root / CHECK_FILE, json.dumps(check).encode())
         faults.point("redact.checked")
     entry = dict(pending["audit"])
-    data = w.base.derive("redact")
-    data["pending"] = {k: v for k, v in (data.get("pending") or {}).items() if k != "redaction"}
-    entry["version_after"] = data["version"]
+    edit = w.edit("redact")
+    edit.pending = {k: v for k, v in edit.pending.items() if k != "redaction"}
+    entry["version_after"] = edit.version
     entry["purged_snapshots"] = len(purged)
     entry["files_removed"] = removed
     append_audit(w.root, entry)  # before the commit that closes the redaction: never lost
     faults.point("redact.audited")
-    w.commit(data)
+    w.commit(edit)
     (w.root / CHECK_FILE).unlink(missing_ok=True)
     if report is not None:
         report.purged_snapshots = purged
         report.purged_files = removed
         report.checked_files = check.get("checked_files", 0)
         report.checked_needles = check.get("checked_needles", 0)
+
+
+def _references(s, paths: set[str]) -> bool:
+    """Whether snapshot `s` references any of `paths` (neighbours files: its groups; index files: its root)."""
+    if not paths:
+        return False
+    if any(rec["path"] in paths for rec in s.metadata_records()):
+        return True
+    if any(r["path"] in paths for u in s.index_units for r in u["files"].values() if r):
+        return True
+    return any(rec["path"] in paths for rec in s.files())
 
 
 def _read_json(path: Path):

@@ -44,7 +44,7 @@ def arrow_schema(table: str, token_type: str = "uint32") -> pa.Schema:
     return pa.schema(fields)
 
 
-_JSON_TYPES = {"int64": int, "string": str, "object": dict}
+_JSON_TYPES = {"int64": int, "string": str, "object": dict, "array": list}
 _COUNTS = ("documents", "chunks", "tokens")
 _RECORD = {"path": str, "bytes": int, "sha256": str}
 
@@ -53,27 +53,80 @@ def _is(value, kind) -> bool:
     return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
 
 
-def manifest_problems(data) -> list[str]:
-    """What in a manifest does not fit schemas/manifest.json (empty if it fits): a missing or mistyped field,
-    a segment without counts or files, a file record that is incomplete or points outside the database."""
-    if not isinstance(data, dict):
-        return [f"it is a JSON {type(data).__name__}, not an object"]
+def _fields_problems(data: dict, table: str, format_version: int | None = None) -> list[str]:
     problems = []
-    for f in spec("manifest")["fields"]:
+    for f in spec(table)["fields"]:
+        if format_version is not None and f.get("format", format_version) != format_version:
+            continue
         name, kind = f["name"], _JSON_TYPES[f["type"]]
         if name not in data or data[name] is None:
             if not f["nullable"]:
                 problems.append(f"no '{name}' field")
         elif not _is(data[name], kind):
             problems.append(f"'{name}' is {type(data[name]).__name__}, not {f['type']}")
+    return problems
+
+
+def manifest_problems(data) -> list[str]:
+    """What in a root manifest does not fit schemas/manifest.json (empty if it fits): a missing or mistyped field,
+    a group, id run or index unit record that is incomplete or points outside the database (format 1: a segment
+    without counts or files)."""
+    if not isinstance(data, dict):
+        return [f"it is a JSON {type(data).__name__}, not an object"]
+    version = data.get("format_version")
+    version = version if _is(version, int) and version >= 2 else 1
+    problems = _fields_problems(data, "manifest", version)
     config = data.get("config")
     if isinstance(config, dict):
         if not _is(config.get("chunk_size"), int):
             problems.append("config has no chunk_size")
         if not isinstance(config.get("tokenizer"), dict):
             problems.append("config has no tokenizer")
-    for seg_name, seg in (data.get("segments") or {}).items() if isinstance(data.get("segments"), dict) else ():
+    if version == 1:
+        return problems + _segments_problems(data.get("segments"))
+    for g in data.get("groups") if isinstance(data.get("groups"), list) else ():
+        if not isinstance(g, dict) or not _is(g.get("lo"), int) or not isinstance(g.get("summary"), dict) \
+                or not all(_is(g.get(k), t) for k, t in _RECORD.items()):
+            problems.append("a group reference is incomplete")
+        elif not _inside(g["path"], ("manifests/groups",)):
+            problems.append(f"group manifest path {g['path']!r} is outside the database's manifests")
+    for r in data.get("ids") if isinstance(data.get("ids"), list) else ():
+        if not isinstance(r, dict) or not all(_is(r.get(k), t) for k, t in _RECORD.items()) \
+                or not _is(r.get("rows"), int):
+            problems.append("an id run record is incomplete")
+        elif not _inside(r["path"], ("ids",)):
+            problems.append(f"id run path {r['path']!r} is outside the database's ids")
+    for u in data.get("indexes") if isinstance(data.get("indexes"), list) else ():
+        if not isinstance(u, dict) or u.get("kind") not in ("segment", "shard") or not isinstance(u.get("files"), dict) \
+                or not _is(u.get("vectors"), int) or not _is(u.get("live"), int) or not _is(u.get("name"), str):
+            problems.append("an index unit is incomplete")
+            continue
+        if u["kind"] == "segment" and not _is(u.get("segment"), int):
+            problems.append(f"index unit {u['name']!r} names no segment")
+        for kind, rec in u["files"].items():
+            if rec is None and kind in ("tombstones", "dead"):
+                continue
+            if not isinstance(rec, dict) or not all(_is(rec.get(k), t) for k, t in _RECORD.items()):
+                problems.append(f"index unit {u['name']!r}: the {kind} file record is incomplete")
+            elif not _inside(rec["path"], ("segments", "indexes")):
+                problems.append(f"index unit {u['name']!r}: the {kind} file path {rec['path']!r} is outside the database")
+    return problems
+
+
+def group_problems(data) -> list[str]:
+    """What in a group manifest does not fit schemas/group.json (empty if it fits)."""
+    if not isinstance(data, dict):
+        return [f"it is a JSON {type(data).__name__}, not an object"]
+    return _fields_problems(data, "group") + _segments_problems(data.get("segments"))
+
+
+def _segments_problems(segments) -> list[str]:
+    problems = []
+    for seg_name, seg in segments.items() if isinstance(segments, dict) else ():
         where = f"segment {seg_name!r}"
+        if not _is(seg_name, str) or not seg_name.startswith("seg-") or not seg_name[4:].isdigit():
+            problems.append(f"{where} is not a segment name")
+            continue
         if not isinstance(seg, dict) or not isinstance(seg.get("files"), dict):
             problems.append(f"{where} has no files")
             continue
@@ -81,12 +134,13 @@ def manifest_problems(data) -> list[str]:
         for kind, rec in seg["files"].items():
             if not isinstance(rec, dict) or not all(_is(rec.get(k), t) for k, t in _RECORD.items()):
                 problems.append(f"{where}: the {kind} file record is incomplete")
-            elif not _inside(rec["path"]):
+            elif not _inside(rec["path"], ("segments",)):
                 problems.append(f"{where}: the {kind} file path {rec['path']!r} is outside the database's segments")
     return problems
 
 
-def _inside(path: str) -> bool:
+def _inside(path: str, tops: tuple[str, ...]) -> bool:
     parts = path.split("/")
-    return len(parts) >= 3 and parts[0] == "segments" and not any(p in ("", ".", "..") for p in parts) \
-        and "\\" not in path and not path.startswith("/")
+    ok_top = any(parts[: len(t.split("/"))] == t.split("/") for t in tops)
+    return ok_top and len(parts) >= 2 and not any(p in ("", ".", "..") for p in parts) \
+        and "\\" not in path and not path.startswith("/") and (parts[0] != "segments" or len(parts) >= 3)

@@ -1,9 +1,10 @@
 """Segment files: written once, streaming, never changed in place.
 
-A segment directory holds `documents.parquet` and `chunks.parquet` (zstd),
-later `keys-*.npy`, `index-*.hnsw` and `tombstones-*.parquet`. The writer
-appends one row group per batch so memory stays bounded by the batch, and
-publishes each file under its final name only when it is complete.
+A segment directory holds `documents.parquet` and `chunks.parquet` (zstd) and
+`store.arrow` (the chunk store queries read, retrodb/store.py), later
+`keys-*.npy`, `index-*.hnsw` and `tombstones-*.parquet`. The writer appends one
+row group per batch so memory stays bounded by the batch, and publishes each
+file under its final name only when it is complete.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 from .atomic import file_record, make_dirs, publish, tmp_path_for
 from .readers import Document
 from .schema import TOKEN_TYPES, arrow_schema
+from .store import STORE_NAME, StoreWriter
 from .tokenizer import ChunkedBatch
 
 PARQUET_OPTS = dict(compression="zstd", compression_level=3, write_statistics=["chunk_id", "doc_id"])
@@ -40,6 +42,7 @@ class SegmentWriter:
         self._chunk_tmp = tmp_path_for(self.dir / "chunks.parquet")
         self._docs = pq.ParquetWriter(self._doc_tmp, self.doc_schema, **_opts(self.doc_schema))
         self._chunks = pq.ParquetWriter(self._chunk_tmp, self.chunk_schema, **_opts(self.chunk_schema))
+        self._store = StoreWriter(self.dir / STORE_NAME, token_type)
         self.next_chunk = chunk_id_base(segment)
         self.documents = 0
         self.chunks = 0
@@ -70,16 +73,21 @@ class SegmentWriter:
         values = pa.array(batch.tokens.astype(tok_type.to_pandas_dtype(), copy=False), type=tok_type)
         offsets = np.concatenate([batch.chunk_token_starts, [len(batch.tokens)]]).astype(np.int32)
         tokens = pa.ListArray.from_arrays(pa.array(offsets), values)
+        chunk_doc_ids = pa.array(doc_ids).take(pa.array(batch.chunk_doc))
+        positions = batch.chunk_position.astype(np.int32)
         self._chunks.write_table(pa.table({
             "chunk_id": chunk_ids,
-            "doc_id": pa.array(doc_ids).take(pa.array(batch.chunk_doc)),
-            "position": batch.chunk_position.astype(np.int32),
+            "doc_id": chunk_doc_ids,
+            "position": positions,
             "char_start": batch.chunk_char_start,
             "char_end": batch.chunk_char_end,
             "num_tokens": batch.chunk_token_counts.astype(np.int32),
             "tokens": tokens,
             "continuation_id": continuation,
         }, schema=self.chunk_schema))
+        texts = [docs[d].text[a:b] for d, a, b in zip(batch.chunk_doc.tolist(), batch.chunk_char_start.tolist(),
+                                                       batch.chunk_char_end.tolist())]
+        self._store.write(chunk_ids, chunk_doc_ids, positions, texts, tokens, continuation)
         self.next_chunk += m
         self.documents += len(docs)
         self.chunks += m
@@ -94,6 +102,7 @@ class SegmentWriter:
             final = self.dir / f"{kind}.parquet"
             publish(tmp, final)
             files[kind] = file_record(self.root, final)
+        files["store"] = self._store.close(self.root)
         return files
 
     def abort(self) -> None:
@@ -104,6 +113,7 @@ class SegmentWriter:
                 pass
         self._doc_tmp.unlink(missing_ok=True)
         self._chunk_tmp.unlink(missing_ok=True)
+        self._store.abort()
 
 
 def _opts(schema: pa.Schema) -> dict:

@@ -1,30 +1,49 @@
-"""Snapshots: immutable manifests and the CURRENT pointer.
+"""Snapshots: a small root per version over manifest groups that later versions reuse, and the CURRENT pointer.
 
-A snapshot (version N) is `manifests/v-0000000N.json`: the live segments, the
-files of each (path, size, sha256), their tombstones and the database config.
-Committing writes manifest N+1 under a temporary name, fsyncs it, renames it
-into place, then replaces CURRENT (same dance), so a reader that opens
-CURRENT sees one whole snapshot whatever writers do meanwhile.
+A snapshot (version N) is `manifests/v-0000000N.json`, its **root**: config,
+counts, the pending operations, and a list of references to **group
+manifests** (`manifests/groups/g-*.json`), each describing the segments whose
+numbers fall in its range (at most `manifest.GROUP_MAX`), with a summary of
+them (counts, bytes, what they lack) so that most questions are answered from
+the root alone. The root also lists the document-id runs (`retrodb/ids.py`)
+and the searchable index units (`retrodb/shards.py`). A commit writes the
+groups it changed and a new root, and references the other groups as they
+are (Apache Iceberg's manifest lists work the same way); a reader loads the
+root, then only the groups it needs, by segment number.
+
+The manifest is a typed object: `Segment` (one segment's counts and files),
+read through `Snapshot` and changed only through `manifest.ManifestEdit`
+(see there). Databases written before the tree (format 1: one manifest that
+lists every segment) are read as they are and upgraded by their next commit.
+
+Committing writes every new group, the root under a temporary name, fsyncs,
+renames it into place, then replaces CURRENT (same dance), so a reader that
+opens CURRENT sees one whole snapshot whatever writers do meanwhile.
 """
 
 from __future__ import annotations
 
-import copy
+import bisect
 import difflib
 import json
 import re
-from dataclasses import dataclass, field
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
 
 from . import faults
 from .atomic import atomic_write_bytes
 from .errors import CorruptDatabase, DatabaseNotFound
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CURRENT = "CURRENT"
 MANIFESTS = "manifests"
+GROUPS = "manifests/groups"
 SEGMENTS = "segments"
+_SEGMENT_NAME = re.compile(r"seg-(\d{6,})")
 
 
 def manifest_name(version: int) -> str:
@@ -36,74 +55,433 @@ def segment_name(number: int) -> str:
 
 
 def segment_number(name: str) -> int:
-    return int(name.removeprefix("seg-"))
+    """The number of a segment name ('seg-000042' -> 42): the one place a name is parsed (names come back from
+    SQL views, old manifests and users). ValueError for anything else."""
+    m = _SEGMENT_NAME.fullmatch(str(name))
+    if m is None:
+        raise ValueError(f"not a segment name: {name!r}")
+    return int(m.group(1))
 
 
-@dataclass
-class Snapshot:
-    """One committed version of a database, as read from its manifest."""
+def segment_dir(root: Path, number: int) -> Path:
+    return Path(root) / SEGMENTS / segment_name(number)
 
-    root: Path
-    data: dict = field(repr=False)
+
+# ---------------------------------------------------------------- one segment
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One live segment of a snapshot: its counts and files. Immutable: `ManifestEdit` makes changed copies.
+
+    `files` maps a kind (documents, chunks, store, keys, index, tombstones, neighbours) to its record
+    {"path": relative to the database, "bytes", "sha256"}. The JSON form (`to_json`) is the segment's entry in
+    its group manifest, the same shape format 1 used.
+    """
+
+    number: int
+    documents: int
+    chunks: int
+    tokens: int
+    files: Mapping[str, dict] = field(default_factory=dict)
+    deleted_documents: int = 0
+    deleted_chunks: int = 0
+    deleted_tokens: int = 0
+    neighbours: dict | None = None  # stored neighbours' parameters and provenance (retrodb/neighbours.py)
+    compacted_from: tuple[int, ...] = ()  # segments a compaction rewrote into this one
+    origin_max: int | None = None  # the newest segment that wrote one of its chunks (compacted segments)
+    shard: str | None = None  # the index shard holding its vectors, once merged (retrodb/shards.py)
 
     @property
+    def name(self) -> str:
+        return segment_name(self.number)
+
+    @property
+    def live_documents(self) -> int:
+        return self.documents - self.deleted_documents
+
+    @property
+    def live_chunks(self) -> int:
+        return self.chunks - self.deleted_chunks
+
+    @property
+    def live_tokens(self) -> int:
+        return self.tokens - self.deleted_tokens
+
+    @property
+    def origin(self) -> int:
+        """The newest segment number that wrote a chunk of this segment (itself, unless compacted)."""
+        return self.number if self.origin_max is None else int(self.origin_max)
+
+    @property
+    def indexed(self) -> bool:
+        """Searchable through an HNSW index: its own, or the shard it was merged into."""
+        return "index" in self.files or self.shard is not None
+
+    @property
+    def bytes(self) -> int:
+        return sum(int(rec["bytes"]) for rec in self.files.values())
+
+    def has(self, kind: str) -> bool:
+        return kind in self.files
+
+    def path(self, root: Path, kind: str) -> Path:
+        return Path(root) / self.files[kind]["path"]
+
+    def changed(self, **changes) -> "Segment":
+        return replace(self, **changes)
+
+    def with_files(self, records: Mapping[str, dict] | None = None, drop: Iterable[str] = ()) -> "Segment":
+        files = {k: v for k, v in self.files.items() if k not in set(drop)}
+        files.update(records or {})
+        return replace(self, files=files)
+
+    def to_json(self) -> dict:
+        out: dict = {"documents": self.documents, "chunks": self.chunks, "tokens": self.tokens,
+                     "files": {k: dict(v) for k, v in sorted(self.files.items())}}
+        for key in ("deleted_documents", "deleted_chunks", "deleted_tokens"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        if self.neighbours is not None:
+            out["neighbours"] = dict(self.neighbours)
+        if self.compacted_from:
+            out["compacted_from"] = [segment_name(n) for n in self.compacted_from]
+        if self.origin_max is not None:
+            out["origin_max"] = int(self.origin_max)
+        if self.shard is not None:
+            out["shard"] = self.shard
+        return out
+
+    @classmethod
+    def from_json(cls, number: int, entry: dict) -> "Segment":
+        return cls(number=int(number), documents=int(entry["documents"]), chunks=int(entry["chunks"]),
+                   tokens=int(entry["tokens"]), files={k: dict(v) for k, v in entry.get("files", {}).items()},
+                   deleted_documents=int(entry.get("deleted_documents", 0)),
+                   deleted_chunks=int(entry.get("deleted_chunks", 0)),
+                   deleted_tokens=int(entry.get("deleted_tokens", 0)),
+                   neighbours=dict(entry["neighbours"]) if entry.get("neighbours") else None,
+                   compacted_from=tuple(segment_number(n) for n in entry.get("compacted_from") or ()),
+                   origin_max=int(entry["origin_max"]) if entry.get("origin_max") is not None else None,
+                   shard=entry.get("shard"))
+
+
+# ---------------------------------------------------------------- group summaries
+
+
+def summarize(segments: Iterable[Segment]) -> dict:
+    """What a root records of a group of segments, so that stats, log, planning and status need not load it."""
+    s = {"segments": 0, "documents": 0, "chunks": 0, "tokens": 0, "deleted_documents": 0, "deleted_chunks": 0,
+         "deleted_tokens": 0, "bytes": 0, "files": 0, "without_keys": 0, "without_keys_chunks": 0,
+         "unindexed": 0, "unindexed_chunks": 0, "with_neighbours": 0, "neighbours_missing": 0,
+         "neighbours_missing_chunks": 0, "compacted": 0, "origin_max": -1, "min_live": None,
+         "max_deleted_ratio": 0.0, "watermarks": {}, "computed_at": []}
+    computed = set()
+    for seg in segments:
+        s["segments"] += 1
+        for key in ("documents", "chunks", "tokens", "deleted_documents", "deleted_chunks", "deleted_tokens"):
+            s[key] += getattr(seg, key)
+        s["bytes"] += seg.bytes
+        s["files"] += len(seg.files)
+        live = seg.live_chunks
+        if "keys" not in seg.files:
+            s["without_keys"] += 1
+            s["without_keys_chunks"] += live
+        elif not seg.indexed:
+            s["unindexed"] += 1
+            s["unindexed_chunks"] += live
+        if "neighbours" in seg.files and seg.neighbours:
+            s["with_neighbours"] += 1
+            wm = str(int(seg.neighbours["watermark"]))
+            s["watermarks"][wm] = s["watermarks"].get(wm, 0) + 1
+            computed.add(int(seg.neighbours["computed_at"]))
+        elif live > 0:
+            s["neighbours_missing"] += 1
+            s["neighbours_missing_chunks"] += live
+        s["compacted"] += int(bool(seg.compacted_from))
+        s["origin_max"] = max(s["origin_max"], seg.origin)
+        s["min_live"] = live if s["min_live"] is None else min(s["min_live"], live)
+        if seg.chunks:
+            s["max_deleted_ratio"] = max(s["max_deleted_ratio"], seg.deleted_chunks / seg.chunks)
+    s["computed_at"] = sorted(computed)
+    return s
+
+
+def combine(summaries: Iterable[dict]) -> dict:
+    """The summary of several groups (the root's totals)."""
+    out = summarize(())
+    computed = set()
+    for s in summaries:
+        for key, value in s.items():
+            if key in ("origin_max", "max_deleted_ratio"):
+                out[key] = max(out[key], value)
+            elif key == "min_live":
+                if value is not None:
+                    out[key] = value if out[key] is None else min(out[key], value)
+            elif key == "watermarks":
+                for wm, n in value.items():
+                    out[key][wm] = out[key].get(wm, 0) + n
+            elif key == "computed_at":
+                computed.update(value)
+            elif key in out:
+                out[key] += value
+    out["computed_at"] = sorted(computed)
+    return out
+
+
+# ---------------------------------------------------------------- group manifests
+
+
+@dataclass(frozen=True)
+class GroupRef:
+    """A root's reference to one group manifest: the segments numbered from `lo` up to the next group's lo."""
+
+    lo: int
+    path: str | None  # relative; None for the one in-memory group of a format-1 manifest
+    bytes: int
+    sha256: str | None
+    summary: dict
+
+    def to_json(self) -> dict:
+        return {"lo": self.lo, "path": self.path, "bytes": self.bytes, "sha256": self.sha256, "summary": self.summary}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "GroupRef":
+        return cls(int(d["lo"]), d["path"], int(d["bytes"]), d["sha256"], d["summary"])
+
+
+_GROUP_CACHE: "OrderedDict[tuple, dict[int, Segment]]" = OrderedDict()  # parsed group files (immutable), per process
+_GROUP_CACHE_SIZE = 512
+_CACHE_LOCK = threading.Lock()
+
+
+def load_group(root: Path, ref: GroupRef) -> dict[int, Segment]:
+    """The segments of a group manifest, by number (cached per process: group files never change)."""
+    key = (str(Path(root).resolve()), ref.path, ref.sha256)
+    with _CACHE_LOCK:
+        hit = _GROUP_CACHE.get(key)
+        if hit is not None:
+            _GROUP_CACHE.move_to_end(key)
+            return hit
+    path = Path(root) / ref.path
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptDatabase(f"group manifest {ref.path} is missing",
+                              hint=f"run: retrodb verify {root}") from None
+    if len(raw) != ref.bytes:
+        raise CorruptDatabase(f"group manifest {ref.path} has {len(raw):,} bytes, its root says {ref.bytes:,}",
+                              hint=f"run: retrodb verify {root}")
+    segments = parse_group(raw, ref.path, root)
+    with _CACHE_LOCK:
+        _GROUP_CACHE[key] = segments
+        while len(_GROUP_CACHE) > _GROUP_CACHE_SIZE:
+            _GROUP_CACHE.popitem(last=False)
+    return segments
+
+
+def parse_group(raw: bytes, where: str, root: Path) -> dict[int, Segment]:
+    from .schema import group_problems
+
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptDatabase(f"group manifest {where} is not valid JSON: {exc}",
+                              hint=f"run: retrodb verify {root}") from None
+    problems = group_problems(data)
+    if problems:
+        raise CorruptDatabase(f"group manifest {where} is damaged: {problems[0]}",
+                              hint=f"run: retrodb verify {root}")
+    return {segment_number(n): Segment.from_json(segment_number(n), e) for n, e in data["segments"].items()}
+
+
+def group_json(lo: int, segments: Iterable[Segment]) -> bytes:
+    body = {"format_version": FORMAT_VERSION, "lo": lo,
+            "segments": {s.name: s.to_json() for s in sorted(segments, key=lambda s: s.number)}}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+# ---------------------------------------------------------------- a snapshot
+
+
+class SegmentMap(Mapping):
+    """The live segments of a snapshot by number (a name, 'seg-000042', is taken too), loaded group by group as
+    they are asked for: `m[n]` and `n in m` read one group; iterating (numbers) reads them all."""
+
+    def __init__(self, snapshot: "Snapshot"):
+        self._s = snapshot
+
+    @staticmethod
+    def _number(key) -> int | None:
+        if isinstance(key, int) and not isinstance(key, bool):
+            return key
+        try:
+            return segment_number(key)
+        except ValueError:
+            return None
+
+    def __getitem__(self, key) -> Segment:
+        number = self._number(key)
+        seg = None if number is None else self._s.segment(number)
+        if seg is None:
+            raise KeyError(key)
+        return seg
+
+    def __contains__(self, key) -> bool:
+        number = self._number(key)
+        return number is not None and self._s.segment(number) is not None
+
+    def __iter__(self) -> Iterator[int]:
+        for i in range(len(self._s.group_refs)):
+            yield from sorted(self._s.group(i))
+
+    def __len__(self) -> int:
+        return int(self._s.totals_summary["segments"])
+
+    def values(self):  # noqa: D102 - a Mapping's, group by group
+        for i in range(len(self._s.group_refs)):
+            group = self._s.group(i)
+            for n in sorted(group):
+                yield group[n]
+
+    def items(self):  # noqa: D102
+        for seg in self.values():
+            yield seg.number, seg
+
+
+class Snapshot:
+    """One committed version of a database: its root, read at once, and its groups, read when needed."""
+
+    def __init__(self, root: Path, data: dict):
+        self.root = Path(root)
+        self.data = data  # the root manifest as stored (read it through the properties)
+        self.format_version = int(data.get("format_version", 1))
+        self._groups: dict[int, dict[int, Segment]] = {}
+        if self.format_version < 2:  # one in-memory group holds every segment; upgraded by the next commit
+            segs = {segment_number(n): Segment.from_json(segment_number(n), e) for n, e in data["segments"].items()}
+            self._groups[0] = segs
+            self.group_refs = [GroupRef(0, None, 0, None, summarize(segs.values()))] if segs else []
+            self.totals_summary = combine(r.summary for r in self.group_refs)
+            self.id_runs: list[dict] = []
+            self.index_units: list[dict] = _units_of_v1(segs.values())
+        else:
+            self.group_refs = [GroupRef.from_json(g) for g in data.get("groups", [])]
+            self.totals_summary = data.get("totals") or combine(r.summary for r in self.group_refs)
+            self.id_runs = list(data.get("ids", []))
+            self.index_units = list(data.get("indexes", []))
+        self._los = [r.lo for r in self.group_refs]
+        self.segments = SegmentMap(self)
+
+    # -- the root
+    @property
     def version(self) -> int:
-        return self.data["version"]
+        return int(self.data["version"])
+
+    @property
+    def parent(self) -> int | None:
+        return self.data.get("parent")
+
+    @property
+    def created(self) -> str:
+        return self.data["created"]
+
+    @property
+    def command(self) -> str:
+        return self.data["command"]
 
     @property
     def config(self) -> dict:
         return self.data["config"]
 
     @property
-    def segments(self) -> dict[str, dict]:
-        return self.data["segments"]
+    def next_segment(self) -> int:
+        return int(self.data["next_segment"])
+
+    @property
+    def pending(self) -> dict:
+        return self.data.get("pending") or {}
 
     @property
     def chunk_size(self) -> int:
         return self.config["chunk_size"]
 
+    @property
+    def ids_indexed(self) -> bool:
+        """True when document ids are found through the id runs (format 2), not by reading every segment."""
+        return self.format_version >= 2
+
+    def totals(self) -> dict:
+        s = self.totals_summary
+        return {"documents": s["documents"] - s["deleted_documents"], "chunks": s["chunks"] - s["deleted_chunks"],
+                "tokens": s["tokens"] - s["deleted_tokens"], "deleted_documents": s["deleted_documents"],
+                "deleted_chunks": s["deleted_chunks"]}
+
+    # -- groups and segments
+    def group_index(self, number: int) -> int | None:
+        """Which group holds (or would hold) segment `number`; None before the first group."""
+        i = bisect.bisect_right(self._los, number) - 1
+        return i if i >= 0 else None
+
+    def group(self, i: int) -> dict[int, Segment]:
+        if i not in self._groups:
+            self._groups[i] = load_group(self.root, self.group_refs[i])
+        return self._groups[i]
+
+    def segment(self, number: int) -> Segment | None:
+        i = self.group_index(int(number))
+        return None if i is None else self.group(i).get(int(number))
+
+    def segments_where(self, wanted: Callable[[dict], bool]) -> Iterator[Segment]:
+        """The segments of the groups whose summary `wanted` accepts (the others are not read)."""
+        for i, ref in enumerate(self.group_refs):
+            if wanted(ref.summary):
+                group = self.group(i)
+                for n in sorted(group):
+                    yield group[n]
+
     def path(self, record: dict) -> Path:
         return self.root / record["path"]
 
     def files(self) -> list[dict]:
-        """Every file record this snapshot references."""
-        return [rec for seg in self.segments.values() for rec in seg["files"].values()]
+        """Every segment file record this snapshot references (reads every group)."""
+        return [rec for seg in self.segments.values() for rec in seg.files.values()]
 
     def segment_files(self, kind: str) -> list[Path]:
-        return [self.path(s["files"][kind]) for s in self.segments.values() if kind in s["files"]]
+        return [seg.path(self.root, kind) for seg in self.segments.values() if kind in seg.files]
 
-    def totals(self) -> dict:
-        keys = ("documents", "chunks", "tokens", "deleted_documents", "deleted_chunks", "deleted_tokens")
-        out = {k: sum(s.get(k, 0) for s in self.segments.values()) for k in keys}
-        return {
-            "documents": out["documents"] - out["deleted_documents"],
-            "chunks": out["chunks"] - out["deleted_chunks"],
-            "tokens": out["tokens"] - out["deleted_tokens"],
-            "deleted_documents": out["deleted_documents"],
-            "deleted_chunks": out["deleted_chunks"],
-        }
+    def metadata_records(self) -> list[dict]:
+        """Records of the files that describe the snapshot besides its root: group manifests, id runs, index
+        shards' files (each {path, bytes, sha256})."""
+        out = [{"path": r.path, "bytes": r.bytes, "sha256": r.sha256} for r in self.group_refs if r.path]
+        out += [{k: run[k] for k in ("path", "bytes", "sha256")} for run in self.id_runs]
+        out += [rec for u in self.index_units if u.get("kind") == "shard" for rec in u["files"].values() if rec]
+        return out
 
-    def derive(self, command: str) -> dict:
-        """A deep copy of this manifest, ready to be edited into the next version."""
-        data = copy.deepcopy(self.data)
-        data["parent"] = self.version
-        data["version"] = self.version + 1
-        data["command"] = command
-        return data
+    def all_records(self) -> list[dict]:
+        """Every file record of this snapshot: segment files and metadata (reads every group)."""
+        return self.files() + self.metadata_records()
+
+
+def _units_of_v1(segments: Iterable[Segment]) -> list[dict]:
+    from .shards import segment_unit
+
+    return [segment_unit(s) for s in sorted(segments, key=lambda s: s.number) if "index" in s.files]
+
+
+# ---------------------------------------------------------------- reading roots
 
 
 def read_manifest(root: Path, version: int) -> Snapshot:
     """The committed snapshot `version` (a manifest above CURRENT's was never committed: refused)."""
-    path = root / MANIFESTS / manifest_name(version)
+    path = Path(root) / MANIFESTS / manifest_name(version)
     if version > current_version(root):
         raise DatabaseNotFound(
             f"snapshot {version} of {root} was never committed (the current one is v{current_version(root)})",
             hint=f"list the committed snapshots with: retrodb log {root}")
-    return Snapshot(root, load_manifest(path))
+    return Snapshot(Path(root), load_manifest(path))
 
 
 def load_manifest(path: Path) -> dict:
-    """A manifest file's content, checked against schemas/manifest.json (CorruptDatabase if it does not fit)."""
+    """A root manifest's content, checked against schemas/manifest.json (CorruptDatabase if it does not fit)."""
     from .schema import manifest_problems
 
     root = path.parent.parent
@@ -182,9 +560,9 @@ def read_current(root: Path) -> Snapshot:
 
 
 def manifest_versions(root: Path) -> list[int]:
-    """Every manifest on disk, committed or not (writers clean the uncommitted ones)."""
+    """Every root manifest on disk, committed or not (writers clean the uncommitted ones)."""
     out = []
-    for p in (root / MANIFESTS).glob("v-*.json"):
+    for p in (Path(root) / MANIFESTS).glob("v-*.json"):
         m = _CURRENT_NAME.fullmatch(p.name)
         if m:
             out.append(int(m.group(1)))
@@ -197,15 +575,16 @@ def retained_versions(root: Path, current: int | None = None) -> list[int]:
     return [v for v in manifest_versions(root) if v <= current]
 
 
-def write_snapshot(root: Path, data: dict) -> Snapshot:
-    """Commit: manifest first, then the CURRENT pointer. Caller holds the writer lock."""
+def write_root(root: Path, data: dict) -> Snapshot:
+    """Commit: the root manifest first, then the CURRENT pointer. The caller holds the writer lock and has
+    written (and journaled) every file the root references."""
     data = dict(data)
     data["format_version"] = FORMAT_VERSION
     data["created"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     name = manifest_name(data["version"])
     faults.point("commit.before_manifest")
-    atomic_write_bytes(root / MANIFESTS / name, json.dumps(data, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(Path(root) / MANIFESTS / name, json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
     faults.point("commit.before_current")
-    atomic_write_bytes(root / CURRENT, (name + "\n").encode())
+    atomic_write_bytes(Path(root) / CURRENT, (name + "\n").encode())
     faults.point("commit.after_current")
-    return Snapshot(root, data)
+    return Snapshot(Path(root), data)

@@ -35,16 +35,22 @@ def _files(paths) -> str:
     return "[" + ", ".join("'" + _abs(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
-def connect(snapshot: Snapshot, threads: int | None = None):
-    """An in-memory DuckDB connection with the snapshot's tables as views (retrodb's own SQL only)."""
+def _paths(root, segments, kind: str) -> list:
+    return [seg.path(root, kind) for seg in segments if kind in seg.files]
+
+
+def connect(snapshot: Snapshot, threads: int | None = None, segments: list | None = None):
+    """An in-memory DuckDB connection with the snapshot's tables as views (retrodb's own SQL only): over all of its
+    segments (every group manifest is read), or over `segments` only (a redaction's physical scope)."""
     import duckdb
 
     con = duckdb.connect(":memory:")
     if threads:
         con.execute(f"SET threads = {int(threads)}")
-    segs = snapshot.segments
+    segs = list(snapshot.segments.values()) if segments is None else list(segments)
+    root = snapshot.root
     seg_expr = "regexp_extract(filename, '(seg-[0-9]+)/[^/]+$', 1)"
-    tomb_files = snapshot.segment_files("tombstones")
+    tomb_files = _paths(root, segs, "tombstones")
     if tomb_files:
         con.execute(
             f"CREATE VIEW _tombstones AS SELECT {seg_expr} AS segment, doc_id, first_chunk_id, num_chunks, version "
@@ -56,7 +62,7 @@ def connect(snapshot: Snapshot, threads: int | None = None):
             "NULL::BIGINT AS first_chunk_id, NULL::INTEGER AS num_chunks, NULL::BIGINT AS version WHERE false"
         )
     for table in ("documents", "chunks"):
-        files = snapshot.segment_files(table)
+        files = _paths(root, segs, table)
         if files:
             body = (
                 f"SELECT t.* EXCLUDE (filename), {seg_expr.replace('filename', 't.filename')} AS segment "
@@ -70,10 +76,7 @@ def connect(snapshot: Snapshot, threads: int | None = None):
         else:
             body = _empty_select(table, snapshot)
         con.execute(f"CREATE VIEW {table} AS {body}")
-    rows = ", ".join(
-        f"('{name}', {s['documents'] - s.get('deleted_documents', 0)}, {s['chunks'] - s.get('deleted_chunks', 0)})"
-        for name, s in sorted(segs.items())
-    )
+    rows = ", ".join(f"('{s.name}', {s.live_documents}, {s.live_chunks})" for s in sorted(segs, key=lambda s: s.number))
     if rows:
         con.execute(f"CREATE VIEW segments AS SELECT * FROM (VALUES {rows}) v(segment, documents, chunks)")
     else:
@@ -81,7 +84,7 @@ def connect(snapshot: Snapshot, threads: int | None = None):
                     "0::BIGINT AS chunks WHERE false")
     from .neighbours import sql_view
 
-    sql_view(con, snapshot)  # neighbours(chunk_id, rank, neighbour_chunk_id, score), live on both sides
+    sql_view(con, _paths(root, segs, "neighbours"))  # neighbours(chunk_id, rank, neighbour_chunk_id, score)
     return con
 
 
@@ -97,11 +100,12 @@ def lock_down(con, readable) -> None:
     con.execute("SET lock_configuration = true")
 
 
-def connect_readonly(snapshot: Snapshot, threads: int | None = None):
+def connect_readonly(snapshot: Snapshot, threads: int | None = None, segments: list | None = None):
     """`connect`, then locked down to the snapshot's own files (for SQL and patterns a user wrote)."""
-    con = connect(snapshot, threads)
+    segs = list(snapshot.segments.values()) if segments is None else list(segments)
+    con = connect(snapshot, threads, segs)
     lock_down(con, [f for kind in ("documents", "chunks", "tombstones", "neighbours")
-                   for f in snapshot.segment_files(kind)])
+                   for f in _paths(snapshot.root, segs, kind)])
     return con
 
 

@@ -8,13 +8,24 @@ can finish. `retain=N` keeps the N newest snapshots; `older_than` keeps
 every snapshot that was still current within that duration (e.g. `7d`). Given
 both, a snapshot is kept if either keeps it. Redaction passes `grace=0`.
 
-Crash safety. The removed manifests go first (fsynced), then their files:
-a kill in between leaves only unreferenced files, which `verify` lists as
-warnings and the next vacuum deletes; a retained snapshot never loses a file.
+What is garbage is found by difference, reading what is removed, not
+everything retained: the group manifests, id runs and index shards the
+removed roots reference and no kept root does, and, in those groups, the
+segment files that the kept roots' groups covering the same segment numbers
+do not reference. A vacuum that removes one superseded snapshot of a commit
+that changed one group reads that group and its successor, whatever the size
+of the database. `full` also walks every directory for files no retained
+snapshot references (strays that no journal names; `verify` lists them).
+
+Crash safety. The plan is written first (`_work/vacuum/plan.json`), then the
+removed manifests go (fsynced), then their files. A kill at any point leaves
+the plan, which no other command removes and the next vacuum finishes before
+anything else; a retained snapshot never loses a file.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -24,7 +35,7 @@ from pathlib import Path
 
 from . import faults
 from . import snapshot as snap
-from .atomic import fsync_dir
+from .atomic import TMP_PREFIX, atomic_write_bytes, fsync_dir
 from .database import Database
 from .errors import RetrodbError, UsageError
 
@@ -91,7 +102,7 @@ def retained_versions(root: Path, retain: int | None = None, older_than: float |
     created = {}
     for v in versions:
         try:
-            created[v] = datetime.fromisoformat(snap.read_manifest(root, v).data["created"]).timestamp()
+            created[v] = datetime.fromisoformat(snap.read_manifest(root, v).created).timestamp()
         except RetrodbError:
             created[v] = None  # unreadable: not kept (nothing can open it)
     keep = {current}
@@ -112,31 +123,87 @@ def retained_versions(root: Path, retain: int | None = None, older_than: float |
 
 
 def plan_vacuum(root: str | Path, retain: int | None = None, older_than: float | None = None,
-                grace: float = DEFAULT_GRACE, now: float | None = None) -> VacuumPlan:
+                grace: float = DEFAULT_GRACE, now: float | None = None, full: bool = False) -> VacuumPlan:
     root = Path(root)
     current, keep, by_grace = retained_versions(root, retain, older_than, grace, now)
-    referenced: set[str] = set()
-    for v in keep:
-        referenced.update(rec["path"] for rec in snap.read_manifest(root, v).files())
     removed = [v for v in snap.retained_versions(root, current) if v not in keep and v < current]
     manifests = [(f"{snap.MANIFESTS}/{snap.manifest_name(v)}",
                   (root / snap.MANIFESTS / snap.manifest_name(v)).stat().st_size) for v in removed]
-    files: list[tuple[str, int]] = []
-    directories = []
-    seg_root = root / snap.SEGMENTS
-    for d in sorted(seg_root.iterdir()) if seg_root.exists() else []:
-        if not d.is_dir():
-            continue
-        stray = [p for p in sorted(d.iterdir()) if p.is_file() and p.relative_to(root).as_posix() not in referenced]
-        files.extend((p.relative_to(root).as_posix(), p.stat().st_size) for p in stray)
-        if len(stray) == sum(1 for _ in d.iterdir()):
-            directories.append(d.relative_to(root).as_posix())
-    return VacuumPlan(current, keep, removed, manifests, files, directories, by_grace, grace)
+    kept = [snap.read_manifest(root, v) for v in keep]
+    gone = [s for v in removed if (s := _readable(root, v)) is not None]  # an unreadable one names nothing
+    files, directories = garbage(root, kept, gone, full)
+    return VacuumPlan(current, keep, removed, manifests, sorted(files.items()), sorted(directories), by_grace, grace)
+
+
+def _readable(root: Path, version: int):
+    try:
+        return snap.read_manifest(root, version)
+    except RetrodbError:
+        return None
+
+
+def garbage(root: Path, kept: list, gone: list, full: bool = False) -> tuple[dict[str, int], set[str]]:
+    """The files ({relative path: bytes}) and directories that the snapshots `gone` reference and the snapshots
+    `kept` do not (see the module doc); with `full`, also every file under the data directories that no kept
+    snapshot references."""
+    files: dict[str, int] = {}
+    directories: set[str] = set()
+    kept_meta = {r["path"] for k in kept for r in k.metadata_records()}
+    kept_groups = {r.path for k in kept for r in k.group_refs}
+    kept_units = {u["name"] for k in kept for u in k.index_units}
+    for s in gone:
+        for rec in s.metadata_records():
+            if rec["path"] not in kept_meta:
+                files[rec["path"]] = int(rec["bytes"])
+        for i, ref in enumerate(s.group_refs):
+            if ref.path is not None and ref.path in kept_groups:
+                continue  # shared with a kept snapshot: its segments are kept as they are
+            for number, seg in s.group(i).items():
+                keeping = [k.segment(number) for k in kept]
+                referenced = {r["path"] for other in keeping if other is not None for r in other.files.values()}
+                for rec in seg.files.values():
+                    if rec["path"] not in referenced:
+                        files[rec["path"]] = int(rec["bytes"])
+                if all(other is None for other in keeping):
+                    directories.add(f"{snap.SEGMENTS}/{seg.name}")
+        for u in s.index_units:
+            if u["kind"] == "shard" and u["name"] not in kept_units:
+                directories.add(f"indexes/{u['name']}")
+    if full:
+        referenced = {r["path"] for k in kept for r in k.all_records()}
+        for top in (snap.SEGMENTS, "indexes", "ids", snap.GROUPS):
+            for p in sorted((root / top).rglob("*")) if (root / top).exists() else []:
+                rel = p.relative_to(root).as_posix()
+                if p.is_file() and rel not in referenced and not p.name.startswith(TMP_PREFIX):
+                    files.setdefault(rel, p.stat().st_size)
+        for top in (snap.SEGMENTS, "indexes"):
+            for d in sorted((root / top).iterdir()) if (root / top).exists() else []:
+                rel = d.relative_to(root).as_posix()
+                if d.is_dir() and not any(r.startswith(rel + "/") for r in referenced):
+                    directories.add(rel)
+    return files, directories
+
+
+PLAN_JOB = "vacuum"
+
+
+def finish_pending(root: Path) -> VacuumReport | None:
+    """Finish the plan of a vacuum that was killed (the caller holds the writer lock)."""
+    work = Path(root) / "_work" / PLAN_JOB
+    plan = _read_plan(work)
+    if plan is None:
+        return None
+    report = VacuumReport(plan, False)
+    _execute(Path(root), plan, report)
+    shutil.rmtree(work, ignore_errors=True)
+    return report
 
 
 def vacuum(root: str | Path, retain: int | None = None, older_than: float | str | None = None,
-           grace: float | str = DEFAULT_GRACE, *, dry_run: bool = False, wait: float = 0.0) -> VacuumReport:
-    """Delete what no retained snapshot needs (see the module doc); `dry_run` only plans."""
+           grace: float | str = DEFAULT_GRACE, *, dry_run: bool = False, full: bool = False,
+           wait: float = 0.0) -> VacuumReport:
+    """Delete what no retained snapshot needs (see the module doc); `dry_run` only plans; `full` also removes
+    stray files no snapshot references (a walk of every directory)."""
     started = time.perf_counter()
     if isinstance(older_than, str):
         older_than = parse_duration(older_than)
@@ -144,27 +211,51 @@ def vacuum(root: str | Path, retain: int | None = None, older_than: float | str 
         grace = parse_duration(grace)
     db = Database(root)
     if dry_run:
-        report = VacuumReport(plan_vacuum(db.root, retain, older_than, grace), True)
+        report = VacuumReport(plan_vacuum(db.root, retain, older_than, grace, full=full), True)
         report.seconds = time.perf_counter() - started
         return report
-    with db.writer("vacuum", wait=wait):  # cleans leftovers of interrupted commands first
-        plan = plan_vacuum(db.root, retain, older_than, grace)
+    with db.writer("vacuum", wait=wait, keep_job=PLAN_JOB) as w:  # cleans leftovers of interrupted commands first
+        finish_pending(db.root)  # a vacuum that was killed: finish it first (it was decided on safely)
+        work = w.work_dir(PLAN_JOB)
+        plan = plan_vacuum(db.root, retain, older_than, grace, full=full)
         report = VacuumReport(plan, False)
-        for rel, size in plan.manifests:
-            (db.root / rel).unlink(missing_ok=True)
-            report.bytes_freed += size
-            report.files_removed += 1
-        if plan.manifests:
-            fsync_dir(db.root / snap.MANIFESTS)
-        faults.point("vacuum.manifests_removed")
-        for rel, size in plan.files:
-            (db.root / rel).unlink(missing_ok=True)
-            report.bytes_freed += size
-            report.files_removed += 1
-            faults.point("vacuum.file_removed")
-        for rel in plan.directories:
-            shutil.rmtree(db.root / rel, ignore_errors=True)
-        if plan.directories:
-            fsync_dir(db.root / snap.SEGMENTS)
+        atomic_write_bytes(work / "plan.json", json.dumps({
+            "base_version": w.base.version, "plan": {**plan.__dict__, "manifests": plan.manifests,
+                                                     "files": plan.files}}).encode())
+        _execute(db.root, plan, report)
+        shutil.rmtree(work, ignore_errors=True)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _read_plan(work: Path) -> VacuumPlan | None:
+    try:
+        data = json.loads((work / "plan.json").read_text())["plan"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    data["manifests"] = [tuple(m) for m in data["manifests"]]
+    data["files"] = [tuple(f) for f in data["files"]]
+    return VacuumPlan(**data)
+
+
+def _execute(root: Path, plan: VacuumPlan, report: VacuumReport) -> None:
+    for rel, size in plan.manifests:
+        path = root / rel
+        if path.exists():
+            path.unlink()
+            report.bytes_freed += size
+            report.files_removed += 1
+    if plan.manifests:
+        fsync_dir(root / snap.MANIFESTS)
+    faults.point("vacuum.manifests_removed")
+    for rel, size in plan.files:
+        path = root / rel
+        if path.exists():
+            path.unlink()
+            report.bytes_freed += size
+            report.files_removed += 1
+        faults.point("vacuum.file_removed")
+    for rel in plan.directories:
+        shutil.rmtree(root / rel, ignore_errors=True)
+    for parent in {Path(rel).parent for rel in plan.directories}:
+        fsync_dir(root / parent)

@@ -34,7 +34,7 @@ from .atomic import TMP_PREFIX, file_digest
 from .database import WORK
 from .errors import CorruptDatabase, RetrodbError
 from .lock import read_holder
-from .snapshot import Snapshot
+from .snapshot import Segment, Snapshot
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Verification:
     findings: list[Finding] = field(default_factory=list)
     damaged: set[str] = field(default_factory=set)  # segments whose files are missing or altered
     check: str = ""
+    _segments: list | None = None
 
     def error(self, message: str, path: str | None = None) -> None:
         self.findings.append(Finding("error", self.check, message, path))
@@ -68,18 +69,25 @@ class Verification:
     def info(self, message: str, path: str | None = None) -> None:
         self.findings.append(Finding("info", self.check, message, path))
 
-    def readable_segments(self):
-        """(name, entry) of the segments whose files passed the file check (and could be decoded so far)."""
-        return [(n, s) for n, s in sorted(self.snapshot.segments.items()) if n not in self.damaged]
+    def segments(self) -> list[Segment]:
+        """Every segment of the snapshot (every group manifest is read once, then kept)."""
+        if self._segments is None:
+            self._segments = list(self.snapshot.segments.values())
+        return self._segments
 
-    def table(self, name: str, seg: dict, kind: str, columns: list[str] | None = None):
+    def readable_segments(self) -> list[Segment]:
+        """The segments whose files passed the file check (and could be decoded so far)."""
+        return [s for s in self.segments() if s.name not in self.damaged]
+
+    def table(self, seg: Segment, kind: str, columns: list[str] | None = None):
         """One of a segment's Parquet tables; a file that cannot be decoded is an error naming it, the segment
         is marked damaged (later checks skip it) and `Undecodable` ends this segment's part of the check."""
         import pyarrow.parquet as pq
 
         from .schema import arrow_schema
 
-        rec = seg["files"][kind]
+        name = seg.name
+        rec = seg.files[kind]
         try:
             if kind == "tombstones":
                 return pq.read_table(self.root / rec["path"], schema=arrow_schema("tombstones"))
@@ -134,22 +142,31 @@ class VerifyReport:
 
 
 def check_files(v: Verification) -> None:
-    """Every file the snapshot references exists and has its recorded size (and sha256 unless quick)."""
-    for name, seg in sorted(v.snapshot.segments.items()):
-        for kind, rec in sorted(seg["files"].items()):
-            path = v.root / rec["path"]
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                v.error(f"{name}: {kind} file is missing", rec["path"])
-                v.damaged.add(name)
-                continue
-            if size != rec["bytes"]:
-                v.error(f"{name}: {kind} file has {size:,} bytes, the manifest says {rec['bytes']:,}", rec["path"])
-                v.damaged.add(name)
-            elif not v.quick and file_digest(path) != rec["sha256"]:
-                v.error(f"{name}: {kind} file content differs from its recorded sha256", rec["path"])
-                v.damaged.add(name)
+    """Every file the snapshot references exists and has its recorded size (and sha256 unless quick): segment
+    files, group manifests, id runs and index shards."""
+    for seg in v.segments():
+        for kind, rec in sorted(seg.files.items()):
+            if not _check_file(v, rec, f"{seg.name}: {kind} file"):
+                v.damaged.add(seg.name)
+    for rec in v.snapshot.metadata_records():
+        _check_file(v, rec, rec["path"].split("/")[0] if not rec["path"].startswith("manifests/")
+                    else "group manifest")
+
+
+def _check_file(v: Verification, rec: dict, what: str) -> bool:
+    path = v.root / rec["path"]
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        v.error(f"{what} is missing", rec["path"])
+        return False
+    if size != rec["bytes"]:
+        v.error(f"{what} has {size:,} bytes, the manifest says {rec['bytes']:,}", rec["path"])
+        return False
+    if not v.quick and file_digest(path) != rec["sha256"]:
+        v.error(f"{what} content differs from its recorded sha256", rec["path"])
+        return False
+    return True
 
 
 def check_rows(v: Verification) -> None:
@@ -157,18 +174,18 @@ def check_rows(v: Verification) -> None:
     each document's chunks are consecutive rows with ids first_chunk_id + position; continuation pointers
     name the next chunk of the same document (null for its last)."""
     dim = (v.snapshot.config.get("embedder") or {}).get("dim")
-    for name, seg in v.readable_segments():
-        files = seg["files"]
+    for seg in v.readable_segments():
+        name, files = seg.name, seg.files
         try:
-            docs = v.table(name, seg, "documents", ["doc_id", "num_tokens", "num_chunks", "first_chunk_id"])
-            chunks = v.table(name, seg, "chunks", ["chunk_id", "doc_id", "position", "num_tokens", "continuation_id"])
+            docs = v.table(seg, "documents", ["doc_id", "num_tokens", "num_chunks", "first_chunk_id"])
+            chunks = v.table(seg, "chunks", ["chunk_id", "doc_id", "position", "num_tokens", "continuation_id"])
         except Undecodable:
             continue
-        for what, have, want in (("documents", docs.num_rows, seg["documents"]),
-                                 ("chunks", chunks.num_rows, seg["chunks"]),
-                                 ("tokens (documents)", _sum(docs["num_tokens"]), seg["tokens"]),
-                                 ("tokens (chunks)", _sum(chunks["num_tokens"]), seg["tokens"]),
-                                 ("chunks (documents.num_chunks)", _sum(docs["num_chunks"]), seg["chunks"])):
+        for what, have, want in (("documents", docs.num_rows, seg.documents),
+                                 ("chunks", chunks.num_rows, seg.chunks),
+                                 ("tokens (documents)", _sum(docs["num_tokens"]), seg.tokens),
+                                 ("tokens (chunks)", _sum(chunks["num_tokens"]), seg.tokens),
+                                 ("chunks (documents.num_chunks)", _sum(docs["num_chunks"]), seg.chunks)):
             if have != want:
                 v.error(f"{name}: {have:,} {what}, the manifest says {want:,}", files["documents"]["path"])
         doc_ids = docs["doc_id"].to_numpy(zero_copy_only=False)
@@ -176,12 +193,52 @@ def check_rows(v: Verification) -> None:
             v.error(f"{name}: a document id appears twice in the segment", files["documents"]["path"])
         if _sum(docs["num_chunks"]) == chunks.num_rows:
             _check_chunk_layout(v, name, files["chunks"]["path"], docs, chunks)
+        if "store" in files:
+            _check_store(v, seg)
         if "keys" in files:
-            _check_keys(v, name, files["keys"]["path"], seg["chunks"], dim)
+            _check_keys(v, name, files["keys"]["path"], seg.chunks, dim)
         if "index" in files:
             count = _hnsw_element_count(v.root / files["index"]["path"])
-            if count != seg["chunks"]:
-                v.error(f"{name}: index holds {count:,} elements for {seg['chunks']:,} chunks", files["index"]["path"])
+            if count != seg.chunks:
+                v.error(f"{name}: index holds {count:,} elements for {seg.chunks:,} chunks", files["index"]["path"])
+
+
+def _check_store(v: Verification, seg: Segment) -> None:
+    """The chunk store holds what documents.parquet and chunks.parquet say, row for row."""
+    import pyarrow.compute as pc
+
+    from .store import ChunkStore
+
+    rec = seg.files["store"]
+    try:
+        store = ChunkStore(v.root / rec["path"]).table()
+        chunks = v.table(seg, "chunks", ["chunk_id", "doc_id", "position", "char_start", "char_end", "tokens",
+                                         "continuation_id"])
+        docs = v.table(seg, "documents", ["doc_id", "text"])
+    except Undecodable:
+        return
+    except Exception as exc:
+        if not isinstance(exc, (OSError, ValueError)) and not type(exc).__module__.startswith("pyarrow"):
+            raise
+        v.error(f"{seg.name}: store file cannot be decoded: {str(exc).strip().splitlines()[0]}", rec["path"])
+        v.damaged.add(seg.name)
+        return
+    if store is None or store.num_rows != chunks.num_rows:
+        v.error(f"{seg.name}: store holds {0 if store is None else store.num_rows:,} rows for {chunks.num_rows:,} "
+                "chunks", rec["path"])
+        return
+    for column in ("chunk_id", "doc_id", "position", "continuation_id"):
+        if not store[column].cast(chunks[column].type).equals(chunks[column]):
+            v.error(f"{seg.name}: store column {column} differs from chunks.parquet", rec["path"])
+            return
+    if not pc.all(pc.equal(pc.list_flatten(store["tokens"]), pc.list_flatten(chunks["tokens"]))).as_py() \
+            and store.num_rows:
+        v.error(f"{seg.name}: store tokens differ from chunks.parquet", rec["path"])
+    text_of = dict(zip(docs["doc_id"].to_pylist(), docs["text"].to_pylist()))
+    want = [text_of.get(d, "")[a:b] for d, a, b in zip(chunks["doc_id"].to_pylist(), chunks["char_start"].to_pylist(),
+                                                       chunks["char_end"].to_pylist())]
+    if store["text"].to_pylist() != want:
+        v.error(f"{seg.name}: store text differs from the documents' text over the chunks' spans", rec["path"])
 
 
 def _sum(column) -> int:
@@ -246,9 +303,10 @@ def check_chunk_ids(v: Verification) -> None:
     """Chunk ids are unique across the snapshot: every document owns the range first_chunk_id .. + num_chunks - 1
     (check_rows proves it), and no two ranges overlap."""
     firsts, counts, owners, names = [], [], [], []
-    for name, seg in v.readable_segments():
+    for seg in v.readable_segments():
+        name = seg.name
         try:
-            t = v.table(name, seg, "documents", ["first_chunk_id", "num_chunks"])
+            t = v.table(seg, "documents", ["first_chunk_id", "num_chunks"])
         except Undecodable:
             continue
         firsts.append(t["first_chunk_id"].to_numpy())
@@ -270,16 +328,17 @@ def check_chunk_ids(v: Verification) -> None:
 def check_tombstones(v: Verification) -> None:
     """Tombstones name documents of their own segment (with the same chunk range), once, and the manifest's
     deleted_* counts are their totals."""
-    for name, seg in v.readable_segments():
-        rec = seg["files"].get("tombstones")
-        counts = [seg.get(k, 0) for k in ("deleted_documents", "deleted_chunks", "deleted_tokens")]
+    for seg in v.readable_segments():
+        name = seg.name
+        rec = seg.files.get("tombstones")
+        counts = [seg.deleted_documents, seg.deleted_chunks, seg.deleted_tokens]
         if rec is None:
             if any(counts):
                 v.error(f"{name}: the manifest counts deleted rows but the segment has no tombstones file")
             continue
         try:
-            t = v.table(name, seg, "tombstones")
-            docs = v.table(name, seg, "documents", ["doc_id", "first_chunk_id", "num_chunks", "num_tokens"])
+            t = v.table(seg, "tombstones")
+            docs = v.table(seg, "documents", ["doc_id", "first_chunk_id", "num_chunks", "num_tokens"])
         except Undecodable:
             continue
         by_id = {d: (f, n, k) for d, f, n, k in zip(*(docs[c].to_pylist() for c in docs.column_names))}
@@ -302,24 +361,40 @@ def check_tombstones(v: Verification) -> None:
 
 
 def check_retained(v: Verification) -> None:
-    """Every other retained snapshot still has all its files (sizes only), so `--at` works on each. Files it
-    shares with the snapshot under test were checked by check_files."""
-    checked = {rec["path"] for rec in v.snapshot.files()}
+    """Every other retained snapshot still has all its files (sizes only), so `--at` works on each. A group
+    manifest shared by several snapshots is checked once, and a file once; each snapshot that references a
+    missing or altered one is named."""
+    bad: dict[str, str] = {}  # path -> "a missing" / "an altered"
+    checked = {rec["path"] for rec in v.snapshot.all_records()}
+    by_group: dict[str, list[str]] = {r.path: [] for r in v.snapshot.group_refs if r.path}
+
+    def state(rec: dict) -> str | None:
+        if rec["path"] in checked and rec["path"] not in bad:
+            return None
+        checked.add(rec["path"])
+        path = v.root / rec["path"]
+        if not path.exists():
+            bad[rec["path"]] = "a missing"
+        elif path.stat().st_size != rec["bytes"]:
+            bad[rec["path"]] = "an altered"
+        return bad.get(rec["path"])
+
     for version in snap.retained_versions(v.root):
         if version == v.snapshot.version:
             continue
         try:
             other = snap.read_manifest(v.root, version)
+            found = [rec["path"] for rec in other.metadata_records() if state(rec)]
+            for i, ref in enumerate(other.group_refs):
+                if ref.path is None or ref.path not in by_group:
+                    by_group[ref.path] = [rec["path"] for seg in other.group(i).values()
+                                          for rec in seg.files.values() if state(rec)]
+                found += by_group[ref.path]
         except RetrodbError as exc:
             v.error(f"retained snapshot v{version} cannot be read: {exc.message}")
             continue
-        for rec in other.files():
-            if rec["path"] in checked:
-                continue
-            path = v.root / rec["path"]
-            if not path.exists() or path.stat().st_size != rec["bytes"]:
-                v.error(f"retained snapshot v{version} references {'a missing' if not path.exists() else 'an altered'}"
-                        f" file", rec["path"])
+        for path in dict.fromkeys(found):
+            v.error(f"retained snapshot v{version} references {bad[path]} file", path)
 
 
 def check_leftovers(v: Verification) -> None:
@@ -338,15 +413,20 @@ def check_leftovers(v: Verification) -> None:
             v.warn(f"manifest v{version} was never committed (the next writing command removes it)",
                    f"{snap.MANIFESTS}/{snap.manifest_name(version)}")
     referenced = referenced_paths(root)
-    seg_root = root / snap.SEGMENTS
-    for d in sorted(seg_root.iterdir()) if seg_root.exists() else []:
-        files = [p for p in d.iterdir() if not p.name.startswith(TMP_PREFIX)] if d.is_dir() else [d]
-        stray = [p for p in files if _rel(root, p) not in referenced]
-        if stray and len(stray) == len(files):
-            v.warn("segment directory no retained snapshot references (`retrodb vacuum` removes it)", _rel(root, d))
-        else:
-            for p in stray:
-                v.warn("file no retained snapshot references (`retrodb vacuum` removes it)", _rel(root, p))
+    for top, what in ((snap.SEGMENTS, "segment"), ("indexes", "index shard")):
+        for d in sorted((root / top).iterdir()) if (root / top).exists() else []:
+            files = [p for p in d.iterdir() if not p.name.startswith(TMP_PREFIX)] if d.is_dir() else [d]
+            stray = [p for p in files if _rel(root, p) not in referenced]
+            if stray and len(stray) == len(files):
+                v.warn(f"{what} directory no retained snapshot references (`retrodb vacuum --full` removes it)",
+                       _rel(root, d))
+            else:
+                for p in stray:
+                    v.warn("file no retained snapshot references (`retrodb vacuum --full` removes it)", _rel(root, p))
+    for top in ("ids", snap.GROUPS):
+        for p in sorted((root / top).iterdir()) if (root / top).exists() else []:
+            if not p.name.startswith(TMP_PREFIX) and _rel(root, p) not in referenced:
+                v.warn("file no retained snapshot references (`retrodb vacuum --full` removes it)", _rel(root, p))
     holder = read_holder(root)
     if holder:
         if holder.get("host") not in (None, socket.gethostname()):
@@ -365,7 +445,7 @@ def referenced_paths(root: Path) -> set[str]:
     out: set[str] = set()
     for version in snap.retained_versions(root):
         try:
-            out.update(rec["path"] for rec in snap.read_manifest(root, version).files())
+            out.update(rec["path"] for rec in snap.read_manifest(root, version).all_records())
         except RetrodbError:
             continue
     return out
@@ -391,7 +471,7 @@ def check_pending(v: Verification) -> None:
     """A redaction that did not finish is an error: the text may still be on disk."""
     from .redact import CHECK_FILE
 
-    pending = (v.snapshot.data.get("pending") or {}).get("redaction")
+    pending = v.snapshot.pending.get("redaction")
     if not pending and (v.root / CHECK_FILE).exists():
         v.warn("leftover of a redaction interrupted before it started (it may list the strings to remove); the next "
                "`retrodb redact` removes it", CHECK_FILE)
@@ -416,12 +496,18 @@ def check_schema(v: Verification) -> None:
     from .schema import arrow_schema, manifest_problems
 
     token_type = v.snapshot.config["tokenizer"].get("token_type", "uint32")
-    for name, seg in v.readable_segments():
-        for kind in ("documents", "chunks", "tombstones", "neighbours"):
-            rec = seg["files"].get(kind)
+    for seg in v.readable_segments():
+        name = seg.name
+        for kind in ("documents", "chunks", "tombstones", "neighbours", "store"):
+            rec = seg.files.get(kind)
             if rec is None:
                 continue
             want = arrow_schema(kind, token_type)
+            if kind == "store":
+                problem = _store_schema_problem(v.root / rec["path"], want)
+                if problem:
+                    v.error(f"{name}: store file {problem} (schemas/store.json)", rec["path"])
+                continue
             try:
                 meta = pq.read_metadata(v.root / rec["path"])
             except Exception as exc:
@@ -433,16 +519,40 @@ def check_schema(v: Verification) -> None:
                 break
             for problem in _schema_differences(meta, want):
                 v.error(f"{name}: {kind} file {problem} (schemas/{kind}.json)", rec["path"])
+    import json
+
+    from .schema import group_problems
+
     for version in snap.retained_versions(v.root):
         path = v.root / snap.MANIFESTS / snap.manifest_name(version)
         try:
-            import json
-
             problems = manifest_problems(json.loads(path.read_bytes()))
         except (OSError, ValueError) as exc:
             problems = [f"not readable JSON ({exc})"]
         for problem in problems:
             v.error(f"manifest v{version}: {problem} (schemas/manifest.json)", _rel(v.root, path))
+    for ref in v.snapshot.group_refs:
+        if ref.path is None:
+            continue
+        try:
+            problems = group_problems(json.loads((v.root / ref.path).read_bytes()))
+        except (OSError, ValueError) as exc:
+            problems = [f"not readable JSON ({exc})"]
+        for problem in problems:
+            v.error(f"group manifest: {problem} (schemas/group.json)", ref.path)
+
+
+def _store_schema_problem(path: Path, want) -> str | None:
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            have = pa.ipc.open_file(source).schema
+    except (OSError, pa.ArrowException) as exc:
+        return f"is not a readable Arrow IPC file: {str(exc).strip().splitlines()[0]}"
+    if not have.equals(want):
+        return f"has the schema {have}, not {want}".replace("\n", "; ")
+    return None
 
 
 def _schema_differences(meta, want) -> list[str]:
@@ -470,6 +580,113 @@ def _schema_differences(meta, want) -> list[str]:
     return out
 
 
+def check_summaries(v: Verification) -> None:
+    """The root's counts are the sum of its groups' summaries, and each group's summary is what its segments
+    add up to (stats, log and planning read the summaries alone), and each group holds only segments of its
+    range."""
+    from .snapshot import combine, summarize
+
+    refs = v.snapshot.group_refs
+    for i, ref in enumerate(refs):
+        if ref.path is None:
+            continue
+        segs = list(v.snapshot.group(i).values())
+        if summarize(segs) != ref.summary:
+            v.error("the root's summary of a group differs from its segments", ref.path)
+        upper = refs[i + 1].lo if i + 1 < len(refs) else None
+        if any(s.number < ref.lo or (upper is not None and s.number >= upper) for s in segs):
+            v.error("a group manifest holds a segment outside its range", ref.path)
+    if v.snapshot.format_version >= 2 and combine(r.summary for r in refs) != v.snapshot.totals_summary:
+        v.error("the root's totals differ from the sum of its groups' summaries")
+
+
+def check_ids(v: Verification) -> None:
+    """The id index: every document of every live segment is in the id runs, once, with its segment, first
+    chunk id and counts; each run is sorted by doc_id (a lookup relies on it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .ids import run_schema, segment_rows
+
+    if not v.snapshot.ids_indexed:
+        v.info("document ids are found by reading every segment until the next commit upgrades this database")
+        return
+    runs = []
+    for run in v.snapshot.id_runs:
+        t = pq.read_table(v.root / run["path"], schema=run_schema())
+        ids = t["doc_id"]
+        if t.num_rows > 1 and not pc.all(pc.less_equal(ids.slice(0, t.num_rows - 1), ids.slice(1))).as_py():
+            v.error("id run is not sorted by doc_id", run["path"])
+        if t.num_rows != run["rows"]:
+            v.error(f"id run holds {t.num_rows:,} rows, the root says {run['rows']:,}", run["path"])
+        runs.append(t)
+    live = {s.number for s in v.segments()}
+    indexed = pa.concat_tables(runs) if runs else run_schema().empty_table()
+    indexed = indexed.filter(pc.is_in(indexed["segment"], value_set=pa.array(sorted(live), pa.int64())))
+    want = pa.concat_tables([segment_rows(v.root, s) for s in v.readable_segments()] or [run_schema().empty_table()])
+    key = [("segment", "ascending"), ("doc_id", "ascending")]
+    have = indexed.sort_by(key).to_pylist()
+    want_rows = want.sort_by(key).to_pylist()
+    if have != want_rows and not v.damaged:
+        missing = [r for r in want_rows if r not in have]
+        extra = len(have) - (len(want_rows) - len(missing))
+        first = f" (first: {missing[0]['doc_id']!r} of seg-{missing[0]['segment']:06d})" if missing else ""
+        v.error(f"the id index misses {len(missing):,} document(s){first} and has {max(extra, 0):,} row(s) too many")
+
+
+def check_indexes(v: Verification) -> None:
+    """The index units of the root: every segment with keys is searched once (its own index, listed in the root,
+    or the shard it names, or exactly when it has neither); a shard's file holds its vectors, its ranges name
+    live segments that name it back (or are dead), and its dead ranges lie within its ranges."""
+    import numpy as np
+
+    from .shards import covered, read_dead, read_ranges
+
+    units = {u["name"]: u for u in v.snapshot.index_units}
+    by_segment = {u["segment"]: u for u in units.values() if u["kind"] == "segment"}
+    members: dict[str, set[int]] = {n: set() for n, u in units.items() if u["kind"] == "shard"}
+    for seg in v.segments():
+        if seg.shard is not None:
+            if seg.shard not in units:
+                v.error(f"{seg.name} names index shard {seg.shard}, which the root does not list")
+            else:
+                members[seg.shard].add(seg.number)
+            if "index" in seg.files:
+                v.error(f"{seg.name} has an index of its own and a shard")
+        elif "index" in seg.files and "keys" in seg.files:
+            u = by_segment.get(seg.number)
+            if u is None or u["files"]["index"] != seg.files["index"] or \
+                    u["files"].get("tombstones") != seg.files.get("tombstones"):
+                v.error(f"{seg.name}: its index is not listed (as it is) among the root's index units")
+    for n, u in by_segment.items():
+        seg = v.snapshot.segment(n)
+        if seg is None or seg.shard is not None or "index" not in seg.files:
+            v.error(f"the root lists an index unit for {u['name']}, which is not a live segment with its own index")
+    for name, u in units.items():
+        if u["kind"] != "shard":
+            continue
+        path = u["files"]["index"]["path"]
+        count = _hnsw_element_count(v.root / path)
+        if count != u["vectors"]:
+            v.error(f"index shard {name} holds {count:,} elements, the root says {u['vectors']:,}", path)
+        ranges = read_ranges(v.root, u)
+        dead = read_dead(v.root, u)
+        if covered(ranges[:, :2]) != u["vectors"]:
+            v.error(f"index shard {name}: its ranges cover {covered(ranges[:, :2]):,} chunks for {u['vectors']:,} "
+                    "vectors", u["files"]["ranges"]["path"])
+        if u["live"] != u["vectors"] - covered(dead):
+            v.error(f"index shard {name}: {u['live']:,} live vectors in the root, {u['vectors'] - covered(dead):,} by "
+                    "its dead ranges")
+        for lo, hi, number in ranges.tolist():
+            if number in members[name]:
+                continue
+            d = dead[(dead[:, 0] < hi) & (dead[:, 1] > lo)] if len(dead) else dead
+            if covered(np.clip(d, lo, hi)) != hi - lo:
+                v.error(f"index shard {name} holds live vectors of seg-{number:06d}, which does not name it")
+                break
+
+
 CHECKS: list[tuple[str, Check]] = [
     ("pending", check_pending),
     ("files", check_files),
@@ -477,6 +694,9 @@ CHECKS: list[tuple[str, Check]] = [
     ("rows", check_rows),
     ("chunk_ids", check_chunk_ids),
     ("tombstones", check_tombstones),
+    ("summaries", check_summaries),
+    ("ids", check_ids),
+    ("indexes", check_indexes),
     ("neighbours", check_neighbours),
     ("retained", check_retained),
     ("leftovers", check_leftovers),
@@ -509,8 +729,8 @@ def verify(root: str | Path, *, at: int | None = None, quick: bool = False,
                 v.error(f"could not complete: {type(exc).__name__}: {exc}")
             else:
                 raise
-    files = db.snapshot.files()
-    return VerifyReport(str(db.root), db.version, quick, names, v.findings, len(db.snapshot.segments), len(files),
+    files = [rec for seg in v.segments() for rec in seg.files.values()] + db.snapshot.metadata_records()
+    return VerifyReport(str(db.root), db.version, quick, names, v.findings, len(v.segments()), len(files),
                         sum(f["bytes"] for f in files), time.perf_counter() - started)
 
 
@@ -527,15 +747,21 @@ def diagnose(root: Path, exc: CorruptDatabase, seconds: float) -> VerifyReport:
             findings.append(Finding("error", "snapshots", f"v{version} cannot be read: {err.message}",
                                     _rel(root, path)))
             continue
-        missing = [rec["path"] for rec in s.files()
+        try:
+            records = s.all_records()
+        except RetrodbError as err:
+            findings.append(Finding("warning", "snapshots", f"v{version} ({s.command}, {s.created}) can be read but "
+                                    f"not all of it: {err.message}", _rel(root, path)))
+            continue
+        missing = [rec["path"] for rec in records
                    if not (root / rec["path"]).is_file() or (root / rec["path"]).stat().st_size != rec["bytes"]]
         if missing:
-            findings.append(Finding("warning", "snapshots", f"v{version} ({s.data['command']}, {s.data['created']}) "
+            findings.append(Finding("warning", "snapshots", f"v{version} ({s.command}, {s.created}) "
                                     f"can be read but {len(missing)} of its files are missing or altered",
                                     _rel(root, path)))
         else:
             complete.append(version)
-            findings.append(Finding("warning", "snapshots", f"v{version} ({s.data['command']}, {s.data['created']}, "
+            findings.append(Finding("warning", "snapshots", f"v{version} ({s.command}, {s.created}, "
                                     f"{s.totals()['documents']:,} documents) can be read and has all its files",
                                     _rel(root, path)))
     if complete:

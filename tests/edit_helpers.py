@@ -59,8 +59,8 @@ def keys_by_chunk(root: Path) -> dict[int, bytes]:
     db = retrodb.open(root)
     out = {}
     for seg in db.snapshot.segments.values():
-        ids = pq.read_table(db.root / seg["files"]["chunks"]["path"], columns=["chunk_id"])["chunk_id"].to_numpy()
-        keys = np.load(db.root / seg["files"]["keys"]["path"])
-        dead = tombstones.deleted_chunk_mask(db.root, seg, ids)
+        ids = pq.read_table(seg.path(db.root, "chunks"), columns=["chunk_id"])["chunk_id"].to_numpy()
+        keys = np.load(seg.path(db.root, "keys"))
+        dead = tombstones.deleted_chunk_mask(db.root, seg.files, ids)
         out.update({int(c): keys[i].tobytes() for i, c in enumerate(ids) if not dead[i]})
     return out

@@ -42,8 +42,8 @@ def test_ingested_chunks_decode_to_their_spans_and_concatenate(tok, corpus, db_p
     ingest(db_path, [str(corpus)], IngestOptions(workers=1))
     db = retrodb.open(db_path)
     seg = db.snapshot.segments["seg-000001"]
-    docs = pq.read_table(db.snapshot.path(seg["files"]["documents"])).to_pylist()
-    chunks = pq.read_table(db.snapshot.path(seg["files"]["chunks"])).to_pylist()
+    docs = pq.read_table(db.snapshot.path(seg.files["documents"])).to_pylist()
+    chunks = pq.read_table(db.snapshot.path(seg.files["chunks"])).to_pylist()
     by_doc = {}
     for c in chunks:
         by_doc.setdefault(c["doc_id"], []).append(c)
@@ -63,4 +63,4 @@ def test_ingested_chunks_decode_to_their_spans_and_concatenate(tok, corpus, db_p
             assert span and span == span.strip()
             assert _norm(tok.decode(c["tokens"]).replace("##", "").replace(" ", "")) == _norm(span)
     # token ids are stored in the narrowest type that holds the 30522-word vocabulary
-    assert str(pq.read_schema(db.snapshot.path(seg["files"]["chunks"])).field("tokens").type) == "list<element: uint16>"
+    assert str(pq.read_schema(db.snapshot.path(seg.files["chunks"])).field("tokens").type) == "list<element: uint16>"

@@ -47,13 +47,13 @@ def test_delete_hides_documents_from_that_commit_on(db):
 
 def test_tombstone_files_are_replaced_never_edited(db):
     r1 = delete(db, doc_ids=["d0"])
-    seg = next(s for s in retrodb.open(db).snapshot.segments.values() if s.get("deleted_documents"))
-    first = dict(seg["files"]["tombstones"])
+    seg = next(s for s in retrodb.open(db).snapshot.segments.values() if s.deleted_documents)
+    first = dict(seg.files["tombstones"])
     assert first["path"].endswith(f"tombstones-v{r1.version:08d}.parquet")
     r2 = delete(db, doc_ids=["d2"])  # same segment: a new file holding both rows
     seg2 = retrodb.open(db).snapshot.segments[r1.segments[0]]
-    assert r2.segments == r1.segments and seg2["files"]["tombstones"]["path"].endswith(f"v{r2.version:08d}.parquet")
-    assert seg2["deleted_documents"] == 2
+    assert r2.segments == r1.segments and seg2.files["tombstones"]["path"].endswith(f"v{r2.version:08d}.parquet")
+    assert seg2.deleted_documents == 2
     from retrodb.atomic import file_digest
 
     assert file_digest(db / first["path"]) == first["sha256"]  # the old file is intact for the old snapshot
@@ -113,17 +113,17 @@ def test_compact_keeps_chunk_ids_continuations_and_keys(db):
     assert content(db) == live  # same documents, same chunk ids, positions, tokens, continuation ids
     assert keys_by_chunk(db) == keys  # keys carried over row for row, not recomputed
     assert after.stats()["deleted_chunks"] == 0 and after.stats()["chunks"] == before.stats()["chunks"]
-    assert not any(s.get("files", {}).get("tombstones") for s in after.snapshot.segments.values())
+    assert not any(s.files.get("tombstones") for s in after.snapshot.segments.values())
     new = [n for n in after.snapshot.segments if n not in before.snapshot.segments]
-    assert new and min(int(n[4:]) for n in new) == before.snapshot.data["next_segment"]
-    assert all(after.snapshot.segments[n]["chunks"] <= 40 for n in new)
+    assert new and min(new) == before.snapshot.next_segment
+    assert all(after.snapshot.segments[n].chunks <= 40 for n in new)
     # the rewritten keys equal a fresh embedding of the kept chunks
     from retrodb.embedder import HashEmbedder
     from retrodb.stages.embed import chunk_texts
 
     seg = after.snapshot.segments[new[0]]
-    fresh = HashEmbedder(16).embed(chunk_texts(after.root, seg)).astype(np.float16)
-    assert np.array_equal(np.load(db / seg["files"]["keys"]["path"]), fresh)
+    fresh = HashEmbedder(16).embed(chunk_texts(after.root, seg.to_json())).astype(np.float16)
+    assert np.array_equal(np.load(seg.path(db, "keys")), fresh)
     assert verify(db).ok and content(db, at=before.version) == live  # the old snapshot still reads
     assert compact(db, 0.2, 40).groups == []  # nothing left to do: no commit
     assert retrodb.open(db).version == after.version
@@ -131,13 +131,13 @@ def test_compact_keeps_chunk_ids_continuations_and_keys(db):
 
 def test_compact_plan_rules(db):
     snap = retrodb.open(db).snapshot
-    sizes = {n: s["chunks"] for n, s in snap.segments.items()}
+    sizes = {n: s.chunks for n, s in snap.segments.items()}
     assert plan_compaction(snap, 0.2, 0) == []  # no deletions, no merging
     merged = plan_compaction(snap, 0.2, 10 ** 6)
     assert len(merged) == 1 and merged[0].sources == sorted(sizes) and merged[0].reason == "merge"
     # a segment reaches the ratio only with enough of it deleted; a fully deleted one is just dropped
     name = sorted(sizes)[1]
-    docs = retrodb.open(db).sql(f"SELECT doc_id, num_chunks FROM documents WHERE segment = '{name}'").to_pylist()
+    docs = retrodb.open(db).sql(f"SELECT doc_id, num_chunks FROM documents WHERE segment = 'seg-{name:06d}'").to_pylist()
     delete(db, doc_ids=[docs[0]["doc_id"]])
     share = docs[0]["num_chunks"] / sizes[name]
     snap = retrodb.open(db).snapshot
@@ -163,10 +163,10 @@ def test_compact_merges_only_segments_of_the_same_shape(tmp_path):
     # forge an un-embedded segment: same data, keys dropped from the manifest
     db = retrodb.open(root)
     with db.writer("test") as w:
-        data = w.base.derive("test")
-        last = sorted(data["segments"])[-1]
-        del data["segments"][last]["files"]["keys"]
-        w.commit(data)
+        edit = w.edit("test")
+        last = sorted(w.base.segments)[-1]
+        edit.set_files(last, drop=["keys", "index"])
+        w.commit(edit)
     groups = plan_compaction(retrodb.open(root).snapshot, 0.2, 10 ** 6)
     assert [g.sources for g in groups] == [sorted(snap.segments)[:-1]]
 
@@ -238,8 +238,8 @@ def test_add_is_one_commit_with_keys_and_refuses_existing_ids(db, tmp_path):
     assert report.ingest.documents == 2 and report.ingest.issue_counts == {"duplicate-id": 1}
     assert "add --replace" in report.ingest.issues[0]["message"]
     new = [n for n in after.snapshot.segments if n not in before.snapshot.segments]
-    assert len(new) == 1 and "keys" in after.snapshot.segments[new[0]]["files"]
-    assert report.embedded_chunks == after.snapshot.segments[new[0]]["chunks"]
+    assert len(new) == 1 and "keys" in after.snapshot.segments[new[0]].files
+    assert report.embedded_chunks == after.snapshot.segments[new[0]].chunks
     assert after.stats()["documents"] == before.stats()["documents"] + 2
     assert content(db)["documents"]["d3"] == content(db, at=before.version)["documents"]["d3"]  # not replaced
     assert verify(db).ok
@@ -319,7 +319,7 @@ def test_add_and_delete_change_what_query_returns(tmp_path):
     report = add(db, [str(src)], IngestOptions(workers=1))
     assert report.indexed_segments == 1 and report.version == before.version + 1
     new = [s for n, s in retrodb.open(db).snapshot.segments.items() if n not in before.snapshot.segments][0]
-    assert "index" in new["files"] and "keys" in new["files"]
+    assert "index" in new.files and "keys" in new.files
     assert top_doc_ids(db, ODD_TEXT)[0] == "odd"  # visible to query from the add's commit
     assert "odd" not in [n.doc_id for n in retrodb.open(db, at=before.version).query(ODD_TEXT, k=5)[0].neighbours]
     delete(db, doc_ids=["odd"])
@@ -339,15 +339,15 @@ def test_compact_rebuilds_only_the_new_segments_indexes(tmp_path):
     after = retrodb.open(db)
     untouched = {n: s for n, s in after.snapshot.segments.items() if n in before.snapshot.segments}
     for n, s in untouched.items():  # segments not compacted keep their very files
-        assert s["files"] == before.snapshot.segments[n]["files"]
+        assert s.files == before.snapshot.segments[n].files
     new = {n: s for n, s in after.snapshot.segments.items() if n not in before.snapshot.segments}
     assert len(new) == sum(1 for g in report.groups if g.segment is not None) >= 1
     for name, seg in new.items():
         index = hnswlib.Index(space="cosine", dim=16)
-        index.load_index(str(db / seg["files"]["index"]["path"]))
+        index.load_index(str(seg.path(db, "index")))
         import pyarrow.parquet as pq
 
-        ids = pq.read_table(db / seg["files"]["chunks"]["path"], columns=["chunk_id"])["chunk_id"].to_pylist()
+        ids = pq.read_table(seg.path(db, "chunks"), columns=["chunk_id"])["chunk_id"].to_pylist()
         assert sorted(index.get_ids_list()) == sorted(ids)  # no vector of a dropped row is left in the file
     assert [(n.chunk_id, round(n.score, 5)) for n in after.query(q, k=8, exact=True)[0].neighbours] == exact
     hnsw = {n.chunk_id for n in after.query(q, k=8, ef=200)[0].neighbours}

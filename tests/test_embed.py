@@ -44,9 +44,9 @@ def stored_and_expected(db_path, embed_fn):
     text_of = chunk_text_by_id(db)
     out = {}
     for name, seg in sorted(db.snapshot.segments.items()):
-        ids = pq.read_table(db.root / seg["files"]["chunks"]["path"], columns=["chunk_id"])["chunk_id"].to_pylist()
-        stored = np.load(db.root / seg["files"]["keys"]["path"])
-        assert stored.dtype == np.float16 and stored.shape == (seg["chunks"], stored.shape[1])
+        ids = pq.read_table(db.root / seg.files["chunks"]["path"], columns=["chunk_id"])["chunk_id"].to_pylist()
+        stored = np.load(db.root / seg.files["keys"]["path"])
+        assert stored.dtype == np.float16 and stored.shape == (seg.chunks, stored.shape[1])
         out[name] = (stored, embed_fn([text_of[i] for i in ids]))
     return out
 
@@ -72,14 +72,14 @@ def test_keys_line_up_with_chunks_across_runs_and_shuffled_segments(tmp_path, db
     small_segments(db_path, write_corpus(tmp_path / "b", ids[12:24]))
     small_segments(db_path, write_corpus(tmp_path / "c", ids[24:]), segment_bytes=5000)
     db = retrodb.open(db_path)
-    old = {n: s["files"]["keys"] for n, s in db.snapshot.segments.items() if "keys" in s["files"]}
+    old = {s.name: s.files["keys"] for s in db.snapshot.segments.values() if "keys" in s.files}
     second = embed(db_path)  # the database's embedder, only the new segments
-    assert sorted(second.segments) == sorted(set(db.snapshot.segments) - set(old))
+    assert sorted(second.segments) == sorted({s.name for s in db.snapshot.segments.values()} - set(old))
     assert second.skipped_segments == len(old)
     after = retrodb.open(db_path).snapshot.segments
-    assert {n: after[n]["files"]["keys"] for n in old} == old  # committed keys untouched
+    assert {n: after[n].files["keys"] for n in old} == old  # committed keys untouched
     assert_keys_match(db_path)
-    assert sum(s["chunks"] for s in after.values()) == first.chunks + second.chunks
+    assert sum(s.chunks for s in after.values()) == first.chunks + second.chunks
 
 
 def test_first_commit_records_identity_with_keys_and_commits_in_groups(tmp_path, db_path):
@@ -92,9 +92,9 @@ def test_first_commit_records_identity_with_keys_and_commits_in_groups(tmp_path,
     assert report.version == before + report.commits
     first = retrodb.open(db_path, at=before + 1).snapshot
     assert first.config["embedder"] == HashEmbedder(64).identity()
-    assert sum("keys" in s["files"] for s in first.segments.values()) == 2
+    assert sum("keys" in s.files for s in first.segments.values()) == 2
     assert retrodb.open(db_path, at=before).config["embedder"] is None
-    assert all("keys" in s["files"] for s in retrodb.open(db_path).snapshot.segments.values())
+    assert all("keys" in s.files for s in retrodb.open(db_path).snapshot.segments.values())
     assert not (db_path / "_work" / job_name(HashEmbedder(64).identity())).exists()
 
 
@@ -120,16 +120,16 @@ def test_other_model_refused_unless_reembed(tmp_path, db_path, cli):
     # An index made from the old keys must go too.
     db = retrodb.open(db_path)
     with db.writer("test") as w:
-        data = w.base.derive("test")
-        seg = next(iter(data["segments"].values()))
-        seg["files"]["index"] = dict(seg["files"]["keys"])
-        w.commit(data)
+        edit = w.edit("test")
+        seg = next(iter(w.base.segments.values()))
+        edit.set_files(seg.number, {"index": dict(seg.files["keys"])})
+        w.commit(edit)
     report = embed(db_path, "hash:32", reembed=True, commit_every_segments=1)
     db = retrodb.open(db_path)
-    assert db.config["embedder"]["dim"] == 32 and report.segments == sorted(db.snapshot.segments)
+    assert db.config["embedder"]["dim"] == 32 and report.segments == [s.name for s in db.snapshot.segments.values()]
     first = retrodb.open(db_path, at=db.version - report.commits + 1).snapshot
-    assert [n for n, s in first.segments.items() if "keys" in s["files"]] == report.segments[:1]
-    assert not any("index" in s["files"] for s in first.segments.values())
+    assert [s.name for s in first.segments.values() if "keys" in s.files] == report.segments[:1]
+    assert not any("index" in s.files for s in first.segments.values())
     assert_keys_match(db_path, dim=32)
 
 
@@ -161,7 +161,7 @@ def test_kill9_between_segments_and_commit_keeps_finished_segments(tmp_path, db_
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     done_before = 2 if kill_at.startswith("embed.segment_done") else n_segments
-    seg_chunks = [s["chunks"] for _, s in sorted(retrodb.open(db_path).snapshot.segments.items())]
+    seg_chunks = [s.chunks for _, s in sorted(retrodb.open(db_path).snapshot.segments.items())]
     assert report["resumed_chunks"] == sum(seg_chunks[:done_before])
     assert report["chunks"] == sum(seg_chunks[done_before:])
     assert report["commits"] == 1 and report["version"] == 2
@@ -190,7 +190,7 @@ def test_embed_texts_matches_stored_keys(tmp_path, db_path):
     (stored, _), = list(stored_and_expected(db_path, HashEmbedder(64).embed).values())[:1]
     db = retrodb.open(db_path)
     name, seg = sorted(db.snapshot.segments.items())[0]
-    ids = pq.read_table(db.root / seg["files"]["chunks"]["path"], columns=["chunk_id"])["chunk_id"].to_pylist()
+    ids = pq.read_table(db.root / seg.files["chunks"]["path"], columns=["chunk_id"])["chunk_id"].to_pylist()
     texts = [chunk_text_by_id(db)[i] for i in ids[:7]]
     got = embed_texts(db, texts)
     assert got.dtype == np.float32 and got.shape == (7, 64)
@@ -211,7 +211,7 @@ def test_cli_json_schema(cli, tmp_path, db_path):
     total = retrodb.open(db_path).snapshot.totals()["chunks"]
     assert (rec["version"], rec["model"], rec["chunks"], rec["commits"], rec["resumed_chunks"]) == (2, HASH, total, 1, 0)
     assert rec["device"] == "cpu" and rec["model_loaded"] is False and rec["chunks_per_s"] > 0
-    assert rec["segments"] == sorted(retrodb.open(db_path).snapshot.segments)
+    assert rec["segments"] == [s.name for s in retrodb.open(db_path).snapshot.segments.values()]
     res = cli("embed", db_path, "-f", "json")
     (rec,) = res.json_lines()
     assert (rec["chunks"], rec["segments"], rec["commits"], rec["chunks_per_s"]) == (0, [], 0, None)

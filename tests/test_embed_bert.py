@@ -80,8 +80,8 @@ def stored_vs_texts(db_path):
     text_of = {r["chunk_id"]: r["t"] for r in rows}
     keys, texts = [], []
     for _, seg in sorted(db.snapshot.segments.items()):
-        ids = pq.read_table(db.root / seg["files"]["chunks"]["path"], columns=["chunk_id"])["chunk_id"].to_pylist()
-        keys.append(np.load(db.root / seg["files"]["keys"]["path"]))
+        ids = pq.read_table(db.root / seg.files["chunks"]["path"], columns=["chunk_id"])["chunk_id"].to_pylist()
+        keys.append(np.load(db.root / seg.files["keys"]["path"]))
         texts += [text_of[i] for i in ids]
     return np.concatenate(keys), texts
 

@@ -83,11 +83,18 @@ def test_manifest_that_is_an_empty_object(cli, db):
 def test_manifest_paths_outside_the_database_are_refused(cli, db):
     version = retrodb.open(db).version
     path = db / "manifests" / f"v-{version:08d}.json"
-    data = json.loads(path.read_text())
-    seg = next(iter(data["segments"].values()))
+    root = json.loads(path.read_text())
+    group_path = db / root["groups"][0]["path"]
+    group = json.loads(group_path.read_text())
+    seg = next(iter(group["segments"].values()))
     seg["files"]["documents"]["path"] = "../../../etc/passwd"
-    path.write_text(json.dumps(data))
+    group_path.write_text(json.dumps(group))
+    root["groups"][0]["bytes"] = group_path.stat().st_size  # a consistent forgery: only the path check can catch it
+    path.write_text(json.dumps(root))
     assert clear(cli("sql", db, "SELECT count(*) FROM documents"), "outside the database")
+    root["groups"][0]["path"] = "../../etc/group.json"
+    path.write_text(json.dumps(root))
+    assert clear(cli("stats", db), "outside the database")
 
 
 def corrupt_middle(path) -> None:
@@ -99,7 +106,7 @@ def corrupt_middle(path) -> None:
 
 def test_corrupt_segment_file_under_query_and_redact(cli, db):
     name, seg = sorted(retrodb.open(db).snapshot.segments.items())[0]
-    rel = seg["files"]["chunks"]["path"]
+    rel = seg.files["chunks"]["path"]
     corrupt_middle(db / rel)
     r = cli("query", db, "retrieval database", "-k", "20")
     assert clear(r, f"cannot read {rel}", f"retrodb verify {db}"), r.err

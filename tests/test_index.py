@@ -54,24 +54,25 @@ def fresh_db(keyed_db, tmp_path) -> Path:
 
 
 def index_records(db: Path) -> dict[str, dict]:
-    return {n: s["files"].get("index") for n, s in retrodb.open(db).snapshot.segments.items()}
+    return {s.name: s.files.get("index") for s in retrodb.open(db).snapshot.segments.values()}
 
 
 def test_index_every_segment_labels_are_chunk_ids(fresh_db):
     report = index(fresh_db, threads=2)
     snap = retrodb.open(fresh_db).snapshot
-    assert len(snap.segments) >= 4 and sorted(report.segments) == sorted(snap.segments)
+    assert len(snap.segments) >= 4 and sorted(report.segments) == [s.name for s in snap.segments.values()]
     assert snap.config["index"] == {"space": "cosine", "M": 32, "ef_construction": 200}
     assert report.chunks == snap.totals()["chunks"] and report.version == snap.version
-    for name, seg in snap.segments.items():
-        rec = seg["files"]["index"]
+    for seg in snap.segments.values():
+        name = seg.name
+        rec = seg.files["index"]
         assert rec["path"].startswith(f"segments/{name}/index-cosine-M32-efc200-")
         idx = hnswlib.Index(space="cosine", dim=64)
         idx.load_index(str(fresh_db / rec["path"]))
         ids = retrodb.open(fresh_db).sql(f"SELECT chunk_id FROM chunks WHERE segment = '{name}' ORDER BY 1")
         assert sorted(idx.get_ids_list()) == ids.column(0).to_pylist()
         # the stored vector of a chunk is its key
-        keys = np.load(fresh_db / seg["files"]["keys"]["path"]).astype(np.float32)
+        keys = np.load(fresh_db / seg.files["keys"]["path"]).astype(np.float32)
         first = ids.column(0)[0].as_py()
         np.testing.assert_allclose(idx.get_items([first])[0], keys[0] / np.linalg.norm(keys[0]), atol=1e-6)
     assert not list(fresh_db.rglob(".tmp-*"))
@@ -93,7 +94,7 @@ def test_only_segments_without_index_are_built(fresh_db, tmp_path):
 
 
 def test_commits_every_n_segments_and_resumes_after_kill(fresh_db):
-    segments = sorted(retrodb.open(fresh_db).snapshot.segments)
+    segments = [s.name for s in retrodb.open(fresh_db).snapshot.segments.values()]
     v0 = retrodb.open(fresh_db).version
     proc = run_retrodb("index", fresh_db, "--commit-every", "2", "--threads", "1",
                        env={"RETRODB_KILL_AT": "index.segment_published#3"})
@@ -151,15 +152,16 @@ def test_bad_params_and_missing_keys(tmp_path, keyed_db):
 
 def test_build_segment_index_interface(fresh_db):
     snap = retrodb.open(fresh_db).snapshot
-    name, seg = sorted(snap.segments.items())[0]
+    seg = next(iter(snap.segments.values()))
+    name = seg.name
     params = {"space": "ip", "M": 8, "ef_construction": 40}
-    rec = build_segment_index(fresh_db, name, seg, params, threads=1)
+    rec = build_segment_index(fresh_db, seg, params, threads=1)
     path = fresh_db / rec["path"]
     assert path.parent == fresh_db / "segments" / name and path.name.startswith("index-ip-M8-efc40-")
     assert rec == retrodb.atomic.file_record(fresh_db, path)
     idx = hnswlib.Index(space="ip", dim=64)
     idx.load_index(str(path))
-    assert idx.get_current_count() == seg["chunks"]
+    assert idx.get_current_count() == seg.chunks
 
 
 def test_cli_index_errors_and_json(cli, fresh_db):

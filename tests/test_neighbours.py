@@ -35,8 +35,8 @@ def live_keys(root):
     live = {r["chunk_id"]: r["doc_id"] for r in handle.sql("SELECT chunk_id, doc_id FROM chunks").to_pylist()}
     ids, docs, keys = [], [], []
     for seg in handle.snapshot.segments.values():
-        all_ids = pq.read_table(root / seg["files"]["chunks"]["path"], columns=["chunk_id"])["chunk_id"].to_numpy()
-        k = np.load(root / seg["files"]["keys"]["path"]).astype(np.float32)
+        all_ids = pq.read_table(root / seg.files["chunks"]["path"], columns=["chunk_id"])["chunk_id"].to_numpy()
+        k = np.load(root / seg.files["keys"]["path"]).astype(np.float32)
         for i, c in enumerate(all_ids.tolist()):
             if c in live:
                 ids.append(c)
@@ -127,16 +127,18 @@ def test_incremental_after_add_staleness_and_refresh(db, tmp_path):
 
     compute_neighbours(db, 2)
     old = retrodb.open(db).snapshot
-    old_files = {n: s["files"]["neighbours"]["path"] for n, s in old.segments.items()}
+    old_files = {s.name: s.files["neighbours"]["path"] for s in old.segments.values()}
     add(db, [str(write_jsonl(tmp_path / "new.jsonl", [f"n{i}" for i in range(8)], seed=900))],
         IngestOptions(workers=1, segment_bytes=2000))
-    new_segs = sorted(set(retrodb.open(db).snapshot.segments) - set(old.segments))
+    new_segs = sorted({s.name for s in retrodb.open(db).snapshot.segments.values()} - set(old_files))
     st = status(retrodb.open(db).snapshot)
     assert st["missing"] == new_segs and st["stale"] == sorted(old_files) and st["added_since"] == new_segs
+    assert (st["missing_count"], st["stale_count"], st["added_since_count"]) == (2, len(old_files), 2)
+    assert status(retrodb.open(db).snapshot, names=1)["stale"] == sorted(old_files)[:1]  # lists are capped
     report = compute_neighbours(db, 2)
     assert sorted(report.segments) == new_segs and report.up_to_date == len(old_files)
     snap = retrodb.open(db).snapshot
-    assert {n: snap.segments[n]["files"]["neighbours"]["path"] for n in old_files} == old_files  # untouched
+    assert {n: snap.segments[n].files["neighbours"]["path"] for n in old_files} == old_files  # untouched
     st = status(snap)
     assert st["missing"] == [] and st["stale"] == sorted(old_files) and st["added_since"] == new_segs
     assert any("predate" in f.message for f in verify(db).findings if f.level == "info")
@@ -167,7 +169,7 @@ def test_compaction_carries_neighbours_and_the_view_is_unchanged(db):
     report = compact(db, 0.2, 40, workers=1)
     assert report.groups
     snap = retrodb.open(db).snapshot
-    assert all("neighbours" in s["files"] for s in snap.segments.values())
+    assert all("neighbours" in s.files for s in snap.segments.values())
     assert view(db) == before
     st = status(snap)
     assert st["missing"] == [] and st["stale"] == []  # compaction adds no chunk: nothing is stale
@@ -175,7 +177,7 @@ def test_compaction_carries_neighbours_and_the_view_is_unchanged(db):
     rep = verify(db)
     assert rep.ok and not rep.warnings, [f.message for f in rep.findings]
     for seg in snap.segments.values():  # carried files hold no deleted chunk, and ranks are dense
-        t = pq.read_table(db / seg["files"]["neighbours"]["path"]).to_pylist()
+        t = pq.read_table(db / seg.files["neighbours"]["path"]).to_pylist()
         assert all(r["chunk_id"] in before for r in t)
 
 
@@ -200,7 +202,7 @@ def test_redaction_purges_neighbour_files_and_verify_checks_it(db):
     assert items and not {n for x in items for n in x["neighbour_ids"].flatten().tolist()} & removed
     # a neighbours file that still names a removed chunk is an error
     seg = next(iter(retrodb.open(db).snapshot.segments.values()))
-    src = db / seg["files"]["neighbours"]["path"]
+    src = db / seg.files["neighbours"]["path"]
     t = pq.read_table(src)
     import pyarrow as pa
 
@@ -266,7 +268,7 @@ def test_workers_in_processes_give_the_same_files(db, tmp_path):
 def test_rerun_after_kill_picks_up_published_files(db):
     proc = run_retrodb("neighbours", db, env={"RETRODB_KILL_AT": "neighbours.segment_published#3"})
     assert proc.returncode == -9
-    assert "neighbours" not in retrodb.open(db).snapshot.segments["seg-000001"]["files"]
+    assert "neighbours" not in retrodb.open(db).snapshot.segments[1].files
     assert verify(db).ok
     report = compute_neighbours(db, 2)
     assert report.resumed_segments == 3
@@ -301,7 +303,7 @@ def test_small_segments_merge_only_with_segments_of_the_same_neighbours(db, tmp_
         IngestOptions(workers=1, segment_bytes=2000))
     compact(db, 0.2, 1000, workers=1)  # every segment is small: merge by shape
     snap = retrodb.open(db).snapshot
-    with_nb = [n for n, s in snap.segments.items() if "neighbours" in s["files"]]
+    with_nb = [n for n, s in snap.segments.items() if "neighbours" in s.files]
     assert with_nb and status(snap)["missing"]  # old segments merged keeping theirs; the new ones apart
     assert status(snap)["missing_chunks"] == retrodb.open(db).sql(
         "SELECT count(*) FROM chunks WHERE doc_id LIKE 'n%'").column(0)[0].as_py()

@@ -104,9 +104,9 @@ def test_narrow_terminal_prints_one_record_per_block(cli, markup_db, monkeypatch
     assert r.code == 0 and "│" not in r.out
     for entry in log:
         assert f"created = {entry['created']}\n" in r.out  # timestamps whole, on their line
-    r = cli("stats", markup_db)
+    r = cli("stats", markup_db, "--segments")
     assert r.code == 0 and "│" not in r.out and "   files = " in r.out
-    files = retrodb.open(markup_db).stats()["per_segment"][0]["files"]
+    files = retrodb.open(markup_db).stats(segments=True)["per_segment"][0]["files"]
     assert f"files = {', '.join(files)}\n" in r.out
     r = cli("sql", markup_db, "SELECT doc_id, text, num_chars, num_tokens FROM documents ORDER BY doc_id")
     assert r.code == 0 and "│" not in r.out

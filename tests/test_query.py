@@ -44,8 +44,8 @@ def brute_force(db_path, q: np.ndarray, k: int, skip=lambda cid, doc: False) -> 
         rows = retrodb.open(db_path).sql(f"SELECT chunk_id, doc_id FROM chunks WHERE segment = '{name}'").to_pylist()
         import pyarrow.parquet as pq
 
-        all_ids = pq.read_table(db_path / seg["files"]["chunks"]["path"], columns=["chunk_id", "doc_id"])
-        keys.append(np.load(db_path / seg["files"]["keys"]["path"]).astype(np.float32))
+        all_ids = pq.read_table(db_path / seg.files["chunks"]["path"], columns=["chunk_id", "doc_id"])
+        keys.append(np.load(db_path / seg.files["keys"]["path"]).astype(np.float32))
         ids += all_ids["chunk_id"].to_pylist()
         docs += all_ids["doc_id"].to_pylist()
         assert {r["chunk_id"] for r in rows} <= set(all_ids["chunk_id"].to_pylist())
@@ -119,17 +119,15 @@ def tombstone(db_path, doc_id: str) -> None:
     row = handle.sql(f"SELECT segment, first_chunk_id, num_chunks, num_tokens FROM documents "
                      f"WHERE doc_id = '{doc_id}'").to_pylist()[0]
     with handle.writer("delete") as w:
-        data = w.base.derive("delete")
-        seg = data["segments"][row["segment"]]
+        edit = w.edit("delete")
+        seg = w.base.segments[row["segment"]]
         table = pa.table({"doc_id": [doc_id], "first_chunk_id": [row["first_chunk_id"]],
-                          "num_chunks": pa.array([row["num_chunks"]], pa.int32()), "version": [data["version"]]},
+                          "num_chunks": pa.array([row["num_chunks"]], pa.int32()), "version": [edit.version]},
                          schema=arrow_schema("tombstones"))
-        path = w.segment_dir(int(row["segment"][4:])) / f"tombstones-v{data['version']}.parquet"
-        seg["files"]["tombstones"] = write_table_file(w.root, path, table)
-        seg["deleted_documents"] = 1
-        seg["deleted_chunks"] = row["num_chunks"]
-        seg["deleted_tokens"] = row["num_tokens"]
-        w.commit(data)
+        path = w.segment_dir(seg.number) / f"tombstones-v{edit.version}.parquet"
+        edit.put(seg.with_files({"tombstones": write_table_file(w.root, path, table)}).changed(
+            deleted_documents=1, deleted_chunks=row["num_chunks"], deleted_tokens=row["num_tokens"]))
+        w.commit(edit)
 
 
 def test_tombstoned_chunks_are_never_returned(own_db):
@@ -288,7 +286,7 @@ def test_exclusion_over_fetches_within_a_segment(tmp_path):
                      ).column(0)[0].as_py()
     [same] = handle.query(chunk_ids=[cid], k=6, exclude_same_doc=False)
     assert all(n.doc_id == "string-methods.txt" for n in same.neighbours)  # what exclusion has to skip
-    keys = np.load(path / handle.snapshot.segments["seg-000001"]["files"]["keys"]["path"]).astype(np.float32)
+    keys = np.load(handle.snapshot.segments[1].path(path, "keys")).astype(np.float32)
     q = keys[[cid & 0xFFFFFFFF]]
     want = brute_force(path, q, 6, skip=lambda c, d: d == "string-methods.txt")
     for exact in (False, True):

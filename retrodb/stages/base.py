@@ -20,14 +20,16 @@ manifest key:
             `merge_result` applies it. Extras: ingest "issues" and
             "issue_counts"; embed "chunks" (keys computed now) and
             "resumed_chunks"; index "chunks"; compact "dropped_chunks".
+
+Units and results are JSON (so a marker file can hold a result, and Ray or a process pool
+can carry them); the library turns a result into the typed manifest with
+`ManifestEdit.apply(result)` (retrodb/manifest.py) and a `Segment` into a unit with
+`segment_unit(seg)`.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
-
-from ..snapshot import segment_name
-
 
 class Stage:
     name = "stage"
@@ -49,25 +51,10 @@ class Stage:
         return state
 
 
-def segment_unit(name: str, entry: dict) -> dict:
-    """The unit of a stage that works on an existing segment (embed, index)."""
-    from ..snapshot import segment_number
-
-    return {"segment": segment_number(name), "entry": entry}
+def segment_unit(seg) -> dict:
+    """The unit of a stage that works on an existing segment (embed, index): its number and JSON entry."""
+    return {"segment": seg.number, "entry": seg.to_json()}
 
 
 def result(segment: int, entry: dict, resumed: bool = False, **extras: Any) -> dict:
     return {"segment": segment, "entry": entry, "resumed": resumed, **extras}
-
-
-def merge_result(segments: dict[str, dict], res: dict) -> str:
-    """Apply a stage result to a manifest's segments (new entry, or files added to an existing one);
-    returns the segment's name."""
-    name = segment_name(res["segment"])
-    entry = segments.setdefault(name, {"files": {}})
-    for key, value in res["entry"].items():
-        if key == "files":
-            entry.setdefault("files", {}).update(value)
-        else:
-            entry[key] = value
-    return name

@@ -19,7 +19,8 @@ import numpy as np
 
 from .. import faults, neighbours, tombstones
 from ..atomic import atomic_write_bytes, file_record, make_dirs, publish, tmp_path_for
-from ..snapshot import SEGMENTS, segment_name
+from ..snapshot import SEGMENTS, Segment, segment_name
+from ..store import write_from_tables
 from .base import Stage, result
 
 BATCH_ROWS = 1 << 16  # rows per Parquet batch and per block of keys copied
@@ -37,7 +38,7 @@ class CompactStage(Stage):
         return self.job_dir / f"{segment_name(segment)}.done.json"
 
     def run(self, unit: dict) -> dict:
-        """`unit`: {"segment": new segment number, "sources": [[name, manifest entry], ...]}."""
+        """`unit`: {"segment": new segment number, "sources": [[number, manifest entry], ...]}."""
         marker = self.marker(unit["segment"])
         if marker.exists():
             done = json.loads(marker.read_text())
@@ -50,26 +51,28 @@ class CompactStage(Stage):
             shutil.rmtree(directory)
         make_dirs(directory)
         sources = unit["sources"]
-        deleted = [tombstones.deleted_doc_ids(self.root, seg) for _, seg in sources]
+        deleted = [tombstones.deleted_doc_ids(self.root, seg["files"]) for _, seg in sources]
         files: dict[str, dict] = {}
         files["documents"], n_docs, n_tokens = self._copy_table("documents", sources, deleted, directory, "num_tokens")
         faults.point("compact.documents_written")
         files["chunks"], n_chunks, keep = self._copy_table("chunks", sources, deleted, directory, None)
         faults.point("compact.chunks_written")
+        files["store"] = write_from_tables(self.root, directory)
         if all("keys" in seg["files"] for _, seg in sources):
             files["keys"] = self._copy_keys(sources, keep, directory, n_chunks)
             faults.point("compact.keys_written")
         entry = {"documents": n_docs, "chunks": n_chunks, "tokens": n_tokens, "files": files,
-                 "compacted_from": [n for n, _ in sources],
-                 "origin_max": max(neighbours.origin_max(n, seg) for n, seg in sources)}
+                 "compacted_from": [segment_name(n) for n, _ in sources],
+                 "origin_max": max(Segment.from_json(n, seg).origin for n, seg in sources)}
         carried = neighbours.carry_over(self.root, sources, self._kept_ids(sources, keep), directory)
         if carried is not None:  # the kept chunks' precomputed neighbours come along (ranks renumbered)
             files["neighbours"], entry["neighbours"] = carried
             faults.point("compact.neighbours_written")
-        if "keys" in files and self.index_params and all("index" in seg["files"] for _, seg in sources):
+        if "keys" in files and self.index_params and all(Segment.from_json(n, seg).indexed for n, seg in sources):
             from ..index import build_segment_index
 
-            files["index"] = build_segment_index(self.root, name, entry, self.index_params)
+            files["index"] = build_segment_index(self.root, Segment.from_json(unit["segment"], entry),
+                                                 self.index_params)
             faults.point("compact.index_written")
         done = result(unit["segment"], entry, dropped_chunks=sum(seg["chunks"] for _, seg in sources) - n_chunks)
         atomic_write_bytes(marker, json.dumps(done).encode())
@@ -123,7 +126,7 @@ class CompactStage(Stage):
     def _kept_ids(self, sources, masks: list[np.ndarray]) -> list[np.ndarray]:
         from .index import read_chunk_ids
 
-        return [read_chunk_ids(self.root, seg)[keep] for (_, seg), keep in zip(sources, masks)]
+        return [read_chunk_ids(self.root, seg["files"])[keep] for (_, seg), keep in zip(sources, masks)]
 
     def _copy_keys(self, sources, masks: list[np.ndarray], directory: Path, rows: int) -> dict:
         """Select the kept rows of each source's keys into one new keys file (same name, same identity)."""

@@ -52,25 +52,24 @@ def params_of(index_path: str | Path) -> dict | None:
     return {"space": m["space"], "M": int(m["M"]), "ef_construction": int(m["ef_construction"])}
 
 
-def index_is_current(seg: dict, params: dict) -> bool:
-    """True if the segment has keys and an index built from those keys with `params`."""
-    files = seg["files"]
+def index_is_current(files: dict, params: dict) -> bool:
+    """True if a segment's files hold keys and an index built from those keys with `params`."""
     if "keys" not in files or "index" not in files:
         return False
     return Path(files["index"]["path"]).name == index_file_name(params, files["keys"])
 
 
-def read_chunk_ids(root: Path, seg: dict) -> np.ndarray:
-    """The chunk_id column of a segment, in row order (row i is key i)."""
+def read_chunk_ids(root: Path, files: dict) -> np.ndarray:
+    """The chunk_id column of a segment (given its file records), in row order (row i is key i)."""
     import pyarrow.parquet as pq
 
-    col = pq.read_table(root / seg["files"]["chunks"]["path"], columns=["chunk_id"]).column(0)
+    col = pq.read_table(Path(root) / files["chunks"]["path"], columns=["chunk_id"]).column(0)
     return col.to_numpy().astype(np.int64, copy=False)
 
 
-def open_keys(root: Path, seg: dict) -> np.ndarray:
-    """The segment's keys as a read-only float16 memmap [chunks, dim]."""
-    path = root / seg["files"]["keys"]["path"]
+def open_keys(root: Path, files: dict) -> np.ndarray:
+    """A segment's keys (given its file records) as a read-only float16 memmap [chunks, dim]."""
+    path = Path(root) / files["keys"]["path"]
     try:
         keys = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as exc:
@@ -105,8 +104,8 @@ class IndexStage(Stage):
         from ..executor import default_workers
 
         threads = self.threads or default_workers()
-        keys = open_keys(self.root, seg)
-        ids = read_chunk_ids(self.root, seg)
+        keys = open_keys(self.root, seg["files"])
+        ids = read_chunk_ids(self.root, seg["files"])
         if len(ids) != len(keys):
             raise CorruptDatabase(f"segment {name}: {len(keys)} keys for {len(ids)} chunks",
                                   hint="rebuild its keys with: retrodb embed DB --reembed")

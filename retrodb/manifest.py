@@ -1,0 +1,215 @@
+"""The one way to change a snapshot: `ManifestEdit`, committed by `Writer.commit`.
+
+    edit = w.edit("delete")                  # the next version, on top of the writer's base snapshot
+    seg = edit.segment(7)                    # a Segment (typed, immutable), as edited so far
+    edit.update(7, deleted_chunks=3)         # counts and fields
+    edit.set_files(7, {"tombstones": rec})   # file records (drop=... removes kinds)
+    edit.put(Segment(...)); edit.remove(3)   # new, replaced and removed segments
+    edit.apply(stage_result)                 # a stage's result (stages/base.py contract)
+    edit.config["index"] = params            # config, next_segment, pending: plain attributes
+    w.commit(edit)
+
+Commit writes only what changed: the group manifests holding a changed
+segment (re-partitioned so a group keeps between GROUP_MIN and GROUP_MAX
+segments: the last group splits as segments are added, a shrunken group
+joins its neighbour), an id run for the documents of new segments
+(`retrodb/ids.py`), the index units of changed segments (`retrodb/shards.py`),
+and a new root that references every other group, run and shard as it was.
+Its cost follows the edit: one changed segment rewrites one group
+(at most GROUP_MAX segment entries) and the root (one reference per group).
+
+The first commit on a format-1 database writes every group (and one id run
+over every document): that is its upgrade.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Callable, Iterator
+
+from . import faults
+from .atomic import atomic_write_bytes
+from .errors import RetrodbError
+from .snapshot import (GROUPS, GroupRef, Segment, Snapshot, combine, group_json, load_group, summarize,
+                       write_root)
+
+GROUP_MAX = 1024  # segments per group manifest at most (a group that grows past it splits in halves)
+GROUP_MIN = 128  # a group left with fewer joins its left neighbour, when the two fit in GROUP_MAX
+
+
+class ManifestEdit:
+    """Changes to `base` that will become version base.version + 1 (see the module doc)."""
+
+    def __init__(self, base: Snapshot, command: str):
+        self.base = base
+        self.command = command
+        self.version = base.version + 1
+        self.config = copy.deepcopy(base.config)
+        self.next_segment = base.next_segment
+        self.pending = copy.deepcopy(base.pending)
+        self.changed: dict[int, Segment | None] = {}  # number -> new Segment, or None (removed)
+        self.units = [dict(u) for u in base.index_units]  # searchable index units (shards.py)
+        self.id_runs = [dict(r) for r in base.id_runs]  # document-id runs (ids.py)
+        self.dead: dict[str, list] = {}  # shard name -> chunk id ranges that died in it (shards.mark_dead)
+        self.purge_ids_of: set[int] = set()  # segments whose rows no id run may keep (a redaction: ids.py)
+        self.new_files: list[Path] = []  # metadata files this commit wrote (groups, runs)
+
+    # -- reading, as edited so far
+    def segment(self, number: int) -> Segment | None:
+        number = int(number)
+        if number in self.changed:
+            return self.changed[number]
+        return self.base.segment(number)
+
+    def require(self, number: int) -> Segment:
+        seg = self.segment(number)
+        if seg is None:
+            raise RetrodbError(f"internal: segment {number} is not in snapshot v{self.base.version}")
+        return seg
+
+    def segments(self) -> Iterator[Segment]:
+        """Every segment as edited (reads every group of the base: whole-database commands only)."""
+        seen = set()
+        for seg in self.base.segments.values():
+            seen.add(seg.number)
+            new = self.changed.get(seg.number, seg) if seg.number in self.changed else seg
+            if new is not None:
+                yield new
+        for n in sorted(set(self.changed) - seen):
+            if self.changed[n] is not None:
+                yield self.changed[n]
+
+    # -- changing
+    def put(self, seg: Segment) -> Segment:
+        self.changed[seg.number] = seg
+        self.next_segment = max(self.next_segment, seg.number + 1)
+        return seg
+
+    def remove(self, number: int) -> None:
+        self.require(number)
+        self.changed[int(number)] = None
+
+    def update(self, number: int, **fields) -> Segment:
+        return self.put(self.require(number).changed(**fields))
+
+    def set_files(self, number: int, records: dict | None = None, drop=()) -> Segment:
+        return self.put(self.require(number).with_files(records, drop))
+
+    def apply(self, result: dict) -> Segment:
+        """Apply a stage result {"segment": n, "entry": {...}}: a whole new entry (ingest, compact) or files and
+        fields added to an existing segment (embed, index)."""
+        number, entry = int(result["segment"]), result["entry"]
+        seg = self.segment(number)
+        if seg is None:
+            return self.put(Segment.from_json(number, entry))
+        merged = seg.to_json()
+        for key, value in entry.items():
+            if key == "files":
+                merged["files"].update(value)
+            else:
+                merged[key] = value
+        return self.put(Segment.from_json(number, merged))
+
+    def new_segments(self) -> list[Segment]:
+        """Segments this edit adds (their documents are not in the id runs yet)."""
+        return [s for n, s in sorted(self.changed.items()) if s is not None and self.base.segment(n) is None]
+
+
+# ---------------------------------------------------------------- commit
+
+
+def commit(root: Path, edit: ManifestEdit, track: Callable[[Path], Path]) -> Snapshot:
+    """Write the changed groups, the id run and index units of the edit, then the root and CURRENT.
+    Every new file is passed to `track` (the writer's journal) before it is written."""
+    from . import ids, shards
+
+    base = edit.base
+    refs = _groups_after(root, edit, track)
+    shards.refresh_units(root, edit, track)
+    ids.record_new_segments(root, edit, track)
+    faults.point("commit.metadata_written")
+    data = {"version": edit.version, "parent": base.version, "command": edit.command, "config": edit.config,
+            "next_segment": edit.next_segment, "pending": edit.pending,
+            "groups": [r.to_json() for r in refs], "totals": combine(r.summary for r in refs),
+            "ids": edit.id_runs, "indexes": edit.units}
+    return write_root(root, data)
+
+
+def _groups_after(root: Path, edit: ManifestEdit, track) -> list[GroupRef]:
+    """The group references of the new root: untouched ones as they are, changed ones rewritten."""
+    base = edit.base
+    if not edit.changed and base.format_version >= 2:
+        return list(base.group_refs)
+    if base.format_version < 2:  # upgrade: every segment goes into new groups
+        segments = {s.number: s for s in edit.segments()}
+        return _write_groups(root, edit, track, _partition(sorted(segments.values(), key=lambda s: s.number), 0))
+    refs = list(base.group_refs)
+    touched: dict[int, dict[int, Segment]] = {}
+    for number in sorted(edit.changed):
+        i = base.group_index(number)
+        if i is None:  # before the first group (an empty database)
+            i = -1
+        if i not in touched:
+            touched[i] = dict(base.group(i)) if i >= 0 else {}
+        seg = edit.changed[number]
+        if seg is None:
+            touched[i].pop(number, None)
+        else:
+            touched[i][number] = seg
+    out: list[tuple[int, list[Segment] | GroupRef]] = []  # (lo, new segments or an untouched ref)
+    if -1 in touched:
+        out.append((min(touched[-1]), sorted(touched[-1].values(), key=lambda s: s.number)))
+    for i, ref in enumerate(refs):
+        if i in touched:
+            out.append((ref.lo, sorted(touched[i].values(), key=lambda s: s.number)))
+        else:
+            out.append((ref.lo, ref))
+    # rebalance the rewritten groups: split the big, join the small to their left neighbour
+    groups: list[tuple[int, list[Segment] | GroupRef]] = []
+    for lo, item in out:
+        if isinstance(item, GroupRef):
+            groups.append((lo, item))
+            continue
+        for part_lo, part in _partition(item, lo):
+            if not part and groups:
+                continue  # an emptied group: its range goes to its left neighbour
+            if groups and len(part) < GROUP_MIN:
+                prev_lo, prev = groups[-1]
+                prev_segs = list(load_group(root, prev).values()) if isinstance(prev, GroupRef) else prev
+                if len(prev_segs) + len(part) <= GROUP_MAX:
+                    groups[-1] = (prev_lo, sorted(prev_segs + part, key=lambda s: s.number))
+                    continue
+            groups.append((part_lo, part))
+    return _write_groups(root, edit, track, groups)
+
+
+def _partition(segments: list[Segment], lo: int) -> list[tuple[int, list[Segment]]]:
+    """Split a sorted list of segments into groups of at most GROUP_MAX (halves of what overflows)."""
+    if len(segments) <= GROUP_MAX:
+        return [(lo, segments)]
+    n_parts = -(-len(segments) // (GROUP_MAX // 2))
+    size = -(-len(segments) // n_parts)
+    parts = [segments[i: i + size] for i in range(0, len(segments), size)]
+    return [(lo if j == 0 else part[0].number, part) for j, part in enumerate(parts)]
+
+
+def _write_groups(root: Path, edit: ManifestEdit, track, groups) -> list[GroupRef]:
+    refs = []
+    k = 0
+    for lo, item in groups:
+        if isinstance(item, GroupRef):
+            refs.append(item if item.lo == lo else GroupRef(lo, item.path, item.bytes, item.sha256, item.summary))
+            continue
+        if not item:
+            continue
+        path = track(Path(root) / GROUPS / f"g-{edit.version:08d}-{k:04d}.json")
+        k += 1
+        raw = group_json(lo, item)
+        atomic_write_bytes(path, raw)
+        edit.new_files.append(path)
+        refs.append(GroupRef(lo, path.relative_to(root).as_posix(), len(raw), hashlib.sha256(raw).hexdigest(),
+                             summarize(item)))
+        faults.point("commit.group_written")
+    return refs
