@@ -116,7 +116,7 @@ def add(w, edit, documents: list[dict]) -> dict:
                           deleted_chunks=seg.deleted_chunks + n_chunks,
                           deleted_tokens=seg.deleted_tokens + n_tokens)
         if seg.shard is not None:
-            mark_dead(w, edit, seg.shard, [(d["first_chunk_id"], d["first_chunk_id"] + d["num_chunks"]) for d in new])
+            mark_dead(edit, seg.shard, [(d["first_chunk_id"], d["first_chunk_id"] + d["num_chunks"]) for d in new])
         totals["documents"] += n_docs
         totals["chunks"] += n_chunks
         totals["tokens"] += n_tokens

@@ -127,3 +127,232 @@ def test_group_summaries_answer_stats_without_reading_groups(tmp_path, monkeypat
     assert handle.log()[-1]["documents"] == 5
     assert read == []  # the root's summaries answered; no group manifest was read
     assert len(handle.stats(segments=True)["per_segment"]) == 6 and read
+
+
+# ---------------------------------------------------------------- tiered index shards
+
+
+def exact_ids(db, vectors, k=6) -> list[list[int]]:
+    return [[n.chunk_id for n in r.neighbours] for r in retrodb.open(db).query(vectors=vectors, k=k, exact=True)]
+
+
+def hnsw_ids(db, vectors, k=6) -> list[list[int]]:
+    return [[n.chunk_id for n in r.neighbours] for r in retrodb.open(db).query(vectors=vectors, k=k, ef=200)]
+
+
+def probe_vectors(db, n=8) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((n, 16)).astype(np.float32)
+
+
+def test_index_merge_builds_a_shard_that_answers_like_the_segments(tmp_path):
+    from retrodb.index import index
+
+    db = many_segments(tmp_path)
+    q = probe_vectors(db)
+    want = exact_ids(db, q)
+    assert hnsw_ids(db, q) == want
+    report = index(db, merge=True, threads=1)
+    assert len(report.merged) == 1 and report.merged[0]["segments"] == 16 and report.merged[0]["units"] == 16
+    snap = retrodb.open(db).snapshot
+    [unit] = snap.index_units
+    assert unit["kind"] == "shard" and unit["vectors"] == snap.totals()["chunks"]
+    assert all(s.shard == unit["name"] and "index" not in s.files for s in snap.segments.values())
+    assert hnsw_ids(db, q) == want  # one index instead of sixteen, the same neighbours
+    assert retrodb.open(db).stats()["index_units"] == 1
+    report = verify(db)
+    assert report.ok and not report.warnings, [f.message for f in report.findings]
+    assert index(db, merge=True).merged == []  # nothing more to merge: no commit
+
+
+def test_tombstones_compaction_and_new_segments_apply_to_a_shard(tmp_path):
+    from retrodb.add import add
+    from retrodb.index import index
+
+    db = many_segments(tmp_path)
+    index(db, merge=True, threads=1)
+    q = probe_vectors(db)
+    delete(db, doc_ids=["d3", "d4"])
+    unit = retrodb.open(db).snapshot.index_units[0]
+    assert unit["files"]["dead"] and unit["live"] == unit["vectors"] - sum(
+        len(v) for d, v in chunks_of(db, ["d3", "d4"], at=retrodb.open(db).version - 1).items())
+    assert hnsw_ids(db, q) == exact_ids(db, q)
+    gone = {c for ids in chunks_of(db, ["d3", "d4"], at=retrodb.open(db).version - 1).values() for c in ids}
+    assert not gone & {c for row in hnsw_ids(db, q, k=30) for c in row}
+    compact(db, 0.0, 0, merge_indexes=False)  # drops the two emptied segments: they leave the shard
+    snap = retrodb.open(db).snapshot
+    assert len(snap.segments) == 14 and [u["kind"] for u in snap.index_units] == ["shard"]
+    assert hnsw_ids(db, q) == exact_ids(db, q)
+    write_jsonl(tmp_path / "more.jsonl", ["m1", "m2"], seed=321)
+    add(db, [str(tmp_path / "more.jsonl")], IngestOptions(workers=1))  # a fresh segment: its own index
+    assert sorted(u["kind"] for u in retrodb.open(db).snapshot.index_units) == ["segment", "shard"]
+    assert hnsw_ids(db, q) == exact_ids(db, q)
+    report = verify(db)
+    assert report.ok and not report.warnings, [f.message for f in report.findings]
+
+
+def chunks_of(db, doc_ids, at=None) -> dict[str, list[int]]:
+    rows = retrodb.open(db, at=at).sql("SELECT doc_id, list(chunk_id) AS ids FROM chunks GROUP BY 1").to_pylist()
+    return {r["doc_id"]: r["ids"] for r in rows if r["doc_id"] in doc_ids}
+
+
+@pytest.mark.parametrize("point", ["merge.batch_added#3", "merge.index_saved", "commit.group_written",
+                                   "merge.before_commit"])
+def test_kill9_during_a_tier_merge(tmp_path, point):
+    db = many_segments(tmp_path)
+    q = probe_vectors(db)
+    want, version = exact_ids(db, q), retrodb.open(db).version
+    proc = run_retrodb("index", db, "--merge", "--threads", "1", env={"RETRODB_KILL_AT": point})
+    assert proc.returncode == -9, proc.stderr
+    assert retrodb.open(db).version == version and hnsw_ids(db, q) == want  # still the last commit
+    report = verify(db)
+    assert report.ok, [f.message for f in report.errors]
+    proc = run_retrodb("index", db, "--merge", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert [u["kind"] for u in retrodb.open(db).snapshot.index_units] == ["shard"]
+    assert hnsw_ids(db, q) == want
+    report = verify(db)
+    assert report.ok and not report.warnings, [f.message for f in report.findings]
+    assert len(list((db / "indexes").iterdir())) == 1  # the killed attempt's shard was removed by the journal
+
+
+def test_redaction_leaves_no_vector_in_a_merged_shard(tmp_path):
+    from retrodb.absent import AbsenceScanner
+    from retrodb.index import index
+    from retrodb.redact import build_selectors, redact
+    from tests.edit_helpers import keys_by_chunk
+
+    db = many_segments(tmp_path)
+    index(db, merge=True, threads=1)
+    delete(db, doc_ids=["d2"])  # a dead row the shard still holds in its file
+    removed = chunks_of(db, ["d5"])["d5"] + chunks_of(db, ["d2"], at=retrodb.open(db).version - 1)["d2"]
+    keys = keys_by_chunk(db)
+    vectors = [np.frombuffer(keys[c], dtype=np.float16).astype(np.float32) for c in chunks_of(db, ["d5"])["d5"]]
+    scanner = AbsenceScanner([], keys=vectors)
+    shard = retrodb.open(db).snapshot.index_units[0]
+    assert scanner.scan_file(db / shard["files"]["index"]["path"], "shard")  # the vectors are there before
+    redact(db, build_selectors(doc_ids=["d5"]))
+    after = retrodb.open(db).snapshot
+    unit = next(u for u in after.index_units if u["name"] == shard["name"])
+    assert unit["files"]["index"]["path"] != shard["files"]["index"]["path"]  # a rewritten copy
+    assert not (db / shard["files"]["index"]["path"]).exists()
+    assert AbsenceScanner([], keys=vectors).scan(db) == []  # no key file, no index, no shard holds them
+    import hnswlib
+
+    idx = hnswlib.Index(space="cosine", dim=16)
+    idx.load_index(str(db / unit["files"]["index"]["path"]))
+    labels, _ = idx.knn_query(np.stack(vectors), k=min(5, idx.get_current_count() - len(removed)))
+    assert not set(labels.ravel().tolist()) & set(removed)  # erased vectors are marked deleted too
+    report = verify(db)
+    assert report.ok and not report.warnings, [f.message for f in report.findings]
+
+
+def test_a_compacted_segment_leaves_its_shard_and_keeps_its_chunks(tmp_path):
+    from retrodb.index import index
+
+    db = build_db(tmp_path / "db", n_docs=30, segment_bytes=1200, index=True)
+    assert len(retrodb.open(db).snapshot.segments) >= 8
+    index(db, merge=True, threads=1)
+    q = probe_vectors(db)
+    delete(db, doc_ids=["d0"])
+    before = content(db)
+    compact(db, 0.0, 0, merge_indexes=False)  # d0's segment is rewritten without it, under a new number
+    snap = retrodb.open(db).snapshot
+    [seg_unit] = [u for u in snap.index_units if u["kind"] == "segment"]
+    shard = next(u for u in snap.index_units if u["kind"] == "shard")
+    moved = snap.segments[seg_unit["segment"]]
+    assert moved.compacted_from and moved.shard is None and shard["live"] < shard["vectors"]
+    assert content(db) == before and hnsw_ids(db, q) == exact_ids(db, q)
+    [r] = retrodb.open(db).query(chunk_ids=[chunks_of(db, ["d1"])["d1"][0]], k=3)  # found in its new segment
+    assert r.neighbours and all(n.doc_id != "d1" for n in r.neighbours)
+    report = verify(db)
+    assert report.ok and not report.warnings, [f.message for f in report.findings]
+
+
+# ---------------------------------------------------------------- the id index
+
+
+@pytest.fixture
+def segment_reads(monkeypatch):
+    """The segment directories whose files pyarrow or DuckDB is asked to read, by number."""
+    import pyarrow.parquet as pq
+
+    from retrodb import sql
+
+    seen: set[int] = set()
+
+    def note(path):
+        parts = Path(str(path)).parts
+        if "segments" in parts and parts.index("segments") + 1 < len(parts):
+            seen.add(int(parts[parts.index("segments") + 1].removeprefix("seg-")))
+
+    for name in ("read_table", "read_metadata", "ParquetFile"):
+        real = getattr(pq, name)
+        monkeypatch.setattr(pq, name, lambda path, *a, _real=real, **kw: note(path) or _real(path, *a, **kw))
+    real_paths = sql._paths
+    monkeypatch.setattr(sql, "_paths", lambda root, segs, kind: [note(p) or p for p in real_paths(root, segs, kind)])
+    return seen
+
+
+def test_ids_are_found_without_reading_other_segments(tmp_path, segment_reads):
+    from retrodb.add import add
+    from retrodb.redact import build_selectors, redact
+
+    db = many_segments(tmp_path, n_docs=12)
+    snap = retrodb.open(db).snapshot
+    home = {d.doc_id: d.segment for d in retrodb.ids.locate(snap, [f"d{i}" for i in range(12)])}
+    assert len(set(home.values())) == 12
+    segment_reads.clear()
+    delete(db, doc_ids=["d4"])
+    assert segment_reads <= {home["d4"]}  # its tombstones at most, nothing else
+    ids_file = tmp_path / "ids.txt"
+    ids_file.write_text("d6\nd7\n")
+    segment_reads.clear()
+    from retrodb.delete import read_ids_file
+
+    delete(db, doc_ids=read_ids_file(ids_file))
+    assert segment_reads <= {home["d6"], home["d7"]}
+    segment_reads.clear()
+    delete(db, doc_ids=["d4", "d5"])  # d4 was deleted: its tombstones say so; d5 is live
+    assert segment_reads == {home["d4"]}
+    # add: the duplicate check reads the new segment and the segments of clashing ids only
+    write_jsonl(tmp_path / "dup.jsonl", ["d8", "new-a"], seed=99)
+    segment_reads.clear()
+    report = add(db, [str(tmp_path / "dup.jsonl")], IngestOptions(workers=1))
+    new = set(retrodb.open(db).snapshot.segments) - set(snap.segments)
+    assert report.ingest.issue_counts == {"duplicate-id": 1} and segment_reads <= new | {home["d8"]}
+    segment_reads.clear()
+    report = add(db, [str(tmp_path / "dup.jsonl")], IngestOptions(workers=1), replace=True)
+    newer = set(retrodb.open(db).snapshot.segments) - set(snap.segments) - new
+    assert report.replaced == 2 and segment_reads <= newer | new | {home["d8"]}
+    # redact --doc-id: planned and carried out on the segments that hold the id
+    segment_reads.clear()
+    next_before = retrodb.open(db).snapshot.next_segment
+    redact(db, build_selectors(doc_ids=["d9"]))
+    assert home["d9"] in segment_reads and {n for n in segment_reads if n < next_before} == {home["d9"]}
+    assert verify(db).ok
+
+
+def test_lookup_of_ids_in_many_runs_and_odd_ids(tmp_path, monkeypatch):
+    """Ids sorted by their UTF-8 bytes across several runs (a merge of runs), including ids that sort oddly."""
+    from retrodb import ids
+    from retrodb.add import add
+
+    monkeypatch.setattr(ids, "RUN_BASE", 4)  # tiny tiers: runs merge after a few adds
+    monkeypatch.setattr(ids, "RUN_FACTOR", 2)
+    monkeypatch.setattr(ids, "RUN_ROW_GROUP", 2)
+    db = tmp_path / "db"
+    odd = ["é", "z", "Z", "a b", "ß", "日本", "\U0001F600", "a", "ab", "a\u0301", "0", "-1"]
+    for i in range(0, len(odd), 3):
+        write_jsonl(tmp_path / f"part{i}.jsonl", odd[i: i + 3], seed=i)
+        if i == 0:
+            retrodb.ingest.ingest(db, [str(tmp_path / f"part{i}.jsonl")], IngestOptions(workers=1))
+        else:
+            add(db, [str(tmp_path / f"part{i}.jsonl")], IngestOptions(workers=1))
+    snap = retrodb.open(db).snapshot
+    assert 1 <= len(snap.id_runs) < 4  # merged as they filled their tiers
+    live, dead = ids.lookup(snap, odd + ["missing", "é "])
+    assert sorted(d.doc_id for d in live) == sorted(odd) and dead == []
+    delete(db, doc_ids=["日本", "a"])
+    live, dead = ids.lookup(retrodb.open(db).snapshot, ["日本", "a", "ab"])
+    assert [d.doc_id for d in live] == ["ab"] and sorted(d.doc_id for d in dead) == sorted(["日本", "a"])
+    assert verify(db).ok
