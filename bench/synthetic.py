@@ -71,7 +71,9 @@ def _segment(root: Path, number: int, chunks: int, chunks_per_doc: int, dim: int
     writer = SegmentWriter(root, directory, number, token_type)
     keys_final = directory / f"keys-synthetic-{dim}.npy"
     keys_tmp = tmp_path_for(keys_final)
-    keys = np.lib.format.open_memmap(keys_tmp, mode="w+", dtype=np.float16, shape=(chunks, dim))
+    small = chunks * dim * 2 <= 32 << 20  # a small segment's keys are built in memory (no msync per segment)
+    keys = np.empty((chunks, dim), np.float16) if small else \
+        np.lib.format.open_memmap(keys_tmp, mode="w+", dtype=np.float16, shape=(chunks, dim))
     done = 0
     doc_no = 0
     while done < chunks:
@@ -108,7 +110,11 @@ def _segment(root: Path, number: int, chunks: int, chunks_per_doc: int, dim: int
         doc_cluster = rng.integers(0, len(cent), len(sizes))
         keys[done: done + m] = clustered(rng, cent[np.repeat(doc_cluster, sizes_a)]).astype(np.float16)
         done += m
-    keys.flush()
+    if small:
+        with open(keys_tmp, "wb") as f:
+            np.save(f, keys)
+    else:
+        keys.flush()
     del keys
     files = writer.close()
     publish(keys_tmp, keys_final)
@@ -118,8 +124,19 @@ def _segment(root: Path, number: int, chunks: int, chunks_per_doc: int, dim: int
 
 def build(root: str | Path, chunks: int, *, segments: int = 1, dim: int = 128, clusters: int = 1000,
           chunks_per_doc: int = 16, seed: int = 0, index: bool = False, threads: int | None = None,
-          log=print) -> dict:
-    """Create a database at `root` with `chunks` chunks in `segments` equal segments; returns timings (s)."""
+          log=print, fsync: bool = True) -> dict:
+    """Create a database at `root` with `chunks` chunks in `segments` equal segments; returns timings (s).
+    `fsync=False` skips the fsyncs of the writes (a throwaway benchmark database of 10^5 tiny segments is
+    built in minutes instead of an hour; nothing it measures is written that way)."""
+    if not fsync:
+        from unittest import mock
+
+        import retrodb.atomic as atomic
+
+        with mock.patch.object(atomic, "fsync_file", lambda p: None), mock.patch.object(atomic, "fsync_dir",
+                                                                                          lambda p: None):
+            return build(root, chunks, segments=segments, dim=dim, clusters=clusters, chunks_per_doc=chunks_per_doc,
+                         seed=seed, index=index, threads=threads, log=log)
     root = Path(root)
     t0 = time.perf_counter()
     db = Database.create(root)

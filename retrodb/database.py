@@ -92,7 +92,7 @@ class Database:
                                        "database there", hint="give a new or empty directory")
                 make_dirs(root / snap.SEGMENTS)
                 snap.write_root(root, {"version": 0, "parent": None, "command": "init", "config": config,
-                                       "next_segment": 1, "pending": {}, "groups": [], "ids": [], "indexes": [],
+                                       "next_segment": 1, "pending": {}, "groups": None, "ids": [], "indexes": [],
                                        "totals": snap.combine(())})
         return cls(root)
 
@@ -384,6 +384,8 @@ def referenced(snapshot: Snapshot, rel: str) -> bool:
     except ValueError:
         return False
     if rel.startswith(snap.GROUPS + "/"):
+        if (snapshot.list_record or {}).get("path") == rel:
+            return True
         return any(r.path == rel for r in snapshot.group_refs)
     if parts[0] == snap.MANIFESTS and len(parts) == 2:
         m = re.fullmatch(r"v-(\d{8})\.json", parts[1])

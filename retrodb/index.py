@@ -95,12 +95,15 @@ def index(root: str | Path, *, space: str | None = None, M: int | None = None, e
         params = requested_params(recorded, space, M, ef_construction, rebuild)
         report = IndexReport(base.version, params)
         # only the groups that hold a segment without keys or without a current index are read
-        stale = recorded != params
+        stale = recorded is not None and recorded != params
+        if merge and not stale:  # unindexed segments go straight into shards where a tier fills up
+            report.merged = merge_units(w, params=params, threads=threads, unindexed=True)
+            base = w.base
         todo, without = [], []
         for seg in base.segments_where(lambda s: stale or s["without_keys"] or s["unindexed"]):
             if "keys" not in seg.files:
                 without.append(seg.name)
-            elif seg.shard is None and not index_is_current(seg.files, params):
+            elif (stale and seg.shard is not None) or (seg.shard is None and not index_is_current(seg.files, params)):
                 todo.append(seg)
         report.without_keys = sorted(without)
         report.up_to_date = totals["segments"] - totals["without_keys"] - len(todo)
@@ -114,7 +117,8 @@ def index(root: str | Path, *, space: str | None = None, M: int | None = None, e
             edit = w.edit("index")
             edit.config["index"] = params
             for res in pending.values():
-                edit.apply(res)
+                if edit.apply(res).shard is not None:  # rebuilt with other parameters: out of its old shard
+                    edit.update(res["segment"], shard=None)
             faults.point("index.before_commit")
             w.commit(edit)
             w.write_json(work / "plan.json", {"base_version": w.base.version})
@@ -137,7 +141,7 @@ def index(root: str | Path, *, space: str | None = None, M: int | None = None, e
         if pending or recorded != params:
             commit()
         if merge:
-            report.merged = merge_units(w, threads=threads)
+            report.merged += merge_units(w, threads=threads)
         shutil.rmtree(work, ignore_errors=True)
         report.version = w.base.version
     report.seconds = time.perf_counter() - started

@@ -32,8 +32,8 @@ from typing import Callable, Iterator
 from . import faults
 from .atomic import atomic_write_bytes
 from .errors import RetrodbError
-from .snapshot import (GROUPS, GroupRef, Segment, Snapshot, combine, group_json, load_group, summarize,
-                       write_root)
+from .snapshot import (GROUPS, GroupRef, Segment, Snapshot, combine, group_json, group_list_json, load_group,
+                       summarize, write_root)
 
 GROUP_MAX = 1024  # segments per group manifest at most (a group that grows past it splits in halves)
 GROUP_MIN = 128  # a group left with fewer joins its left neighbour, when the two fit in GROUP_MAX
@@ -127,14 +127,29 @@ def commit(root: Path, edit: ManifestEdit, track: Callable[[Path], Path]) -> Sna
 
     base = edit.base
     refs = _groups_after(root, edit, track)
+    if base.format_version >= 2 and refs == base.group_refs:
+        listing, totals = base.list_record, base.totals_summary  # no group changed: the same list
+    else:
+        listing, totals = _write_list(root, edit, track, refs), combine(r.summary for r in refs)
     shards.refresh_units(root, edit, track)
     ids.record_new_segments(root, edit, track)
     faults.point("commit.metadata_written")
     data = {"version": edit.version, "parent": base.version, "command": edit.command, "config": edit.config,
-            "next_segment": edit.next_segment, "pending": edit.pending,
-            "groups": [r.to_json() for r in refs], "totals": combine(r.summary for r in refs),
+            "next_segment": edit.next_segment, "pending": edit.pending, "groups": listing, "totals": totals,
             "ids": edit.id_runs, "indexes": edit.units}
     return write_root(root, data)
+
+
+def _write_list(root: Path, edit: ManifestEdit, track, refs: list[GroupRef]) -> dict | None:
+    """The group list of the new root (None for a database without segments)."""
+    if not refs:
+        return None
+    path = track(Path(root) / GROUPS / f"l-{edit.version:08d}.json")
+    raw = group_list_json(refs)
+    atomic_write_bytes(path, raw)
+    edit.new_files.append(path)
+    return {"path": path.relative_to(root).as_posix(), "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+            "count": len(refs)}
 
 
 def _groups_after(root: Path, edit: ManifestEdit, track) -> list[GroupRef]:
@@ -186,10 +201,11 @@ def _groups_after(root: Path, edit: ManifestEdit, track) -> list[GroupRef]:
 
 
 def _partition(segments: list[Segment], lo: int) -> list[tuple[int, list[Segment]]]:
-    """Split a sorted list of segments into groups of at most GROUP_MAX (halves of what overflows)."""
+    """Split a sorted list of segments into groups of at most GROUP_MAX: as few as fit, of equal sizes (a group
+    one over GROUP_MAX splits in halves; a bulk commit fills groups)."""
     if len(segments) <= GROUP_MAX:
         return [(lo, segments)]
-    n_parts = -(-len(segments) // (GROUP_MAX // 2))
+    n_parts = -(-len(segments) // GROUP_MAX)
     size = -(-len(segments) // n_parts)
     parts = [segments[i: i + size] for i in range(0, len(segments), size)]
     return [(lo if j == 0 else part[0].number, part) for j, part in enumerate(parts)]

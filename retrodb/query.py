@@ -130,8 +130,6 @@ class _Reader:
     """What queries read of one segment (keys, chunk ids, rows of the winners), loaded lazily and kept."""
 
     def __init__(self, root: Path, seg: Segment, cache: dict):
-        import pyarrow.parquet as pq
-
         self.root = root
         self.seg = seg
         self.number = seg.number
@@ -141,29 +139,48 @@ class _Reader:
         self.lock = threading.Lock()
         self.chunk_path = root / self.files["chunks"]["path"]
         self.doc_path = root / self.files["documents"]["path"]
-        key = ("chunk_md", self.files["chunks"]["path"])
-        if key not in cache:
-            with reading(root, self.chunk_path):
-                md = pq.read_metadata(self.chunk_path)
-            cache[key] = (md, *_row_group_ranges(md, "chunk_id"))
-        self.chunk_md, self.rg_min, self.rg_max, self.rg_start = cache[key]
-        self.tomb_lo, self.tomb_hi = self._tombstones()
         self.live = seg.live_chunks
+        self._md: tuple | None = None
+        self._tomb: tuple | None = None
         self._ids: np.ndarray | None = None
         self._docs: tuple | None = None
 
-    # -- tombstones
-    def _tombstones(self) -> tuple[np.ndarray, np.ndarray]:
-        rec = self.files.get("tombstones")
-        if not rec:
-            return np.empty(0, np.int64), np.empty(0, np.int64)
-        key = ("tombstones", rec["path"])
-        if key not in self.cache:
-            from .tombstones import deleted_ranges
+    # -- read when first needed (a winner read from the chunk store needs neither)
+    def _metadata(self) -> tuple:
+        """(Parquet metadata of chunks.parquet, row-group chunk_id minima, maxima, first rows)."""
+        if self._md is None:
+            import pyarrow.parquet as pq
 
-            with reading(self.root, self.root / rec["path"]):
-                self.cache[key] = deleted_ranges(self.root, self.files)
-        return self.cache[key]
+            key = ("chunk_md", self.files["chunks"]["path"])
+            if key not in self.cache:
+                with reading(self.root, self.chunk_path):
+                    md = pq.read_metadata(self.chunk_path)
+                self.cache[key] = (md, *_row_group_ranges(md, "chunk_id"))
+            self._md = self.cache[key]
+        return self._md
+
+    chunk_md = property(lambda self: self._metadata()[0])
+    rg_min = property(lambda self: self._metadata()[1])
+    rg_max = property(lambda self: self._metadata()[2])
+    rg_start = property(lambda self: self._metadata()[3])
+
+    def _tombstones(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._tomb is None:
+            rec = self.files.get("tombstones")
+            if not rec:
+                self._tomb = (np.empty(0, np.int64), np.empty(0, np.int64))
+            else:
+                key = ("tombstones", rec["path"])
+                if key not in self.cache:
+                    from .tombstones import deleted_ranges
+
+                    with reading(self.root, self.root / rec["path"]):
+                        self.cache[key] = deleted_ranges(self.root, self.files)
+                self._tomb = self.cache[key]
+        return self._tomb
+
+    tomb_lo = property(lambda self: self._tombstones()[0])
+    tomb_hi = property(lambda self: self._tombstones()[1])
 
     def deleted(self, ids: np.ndarray) -> np.ndarray:
         """Boolean mask: which of `ids` are tombstoned in this snapshot."""
@@ -368,10 +385,26 @@ class _Target:
             self._ranges = self.cache[key]
         return self._ranges
 
+    def store(self):
+        """A shard's chunk store (the rows of the chunks it was built from), or None."""
+        rec = (self.unit or {}).get("files", {}).get("store") if self.kind == "shard" else None
+        if rec is None:
+            return None
+        key = ("store", rec["path"])
+        if key not in self.cache:
+            from .store import ChunkStore
+
+            with reading(self.root, self.root / rec["path"]):
+                self.cache[key] = ChunkStore(self.root / rec["path"])
+        return self.cache[key]
+
     def holds(self, segment: int) -> bool:
         if self.kind != "shard":
             return self.segment == segment
-        return bool((self.ranges()[:, 2] == segment).any())
+        key = ("members", self.unit["files"]["ranges"]["path"])
+        if key not in self.cache:
+            self.cache[key] = frozenset(np.unique(self.ranges()[:, 2]).tolist())
+        return segment in self.cache[key]
 
     def segments_of(self, labels: np.ndarray) -> np.ndarray:
         """The segment number of each chunk id (-1 where this target does not hold it)."""
@@ -453,6 +486,7 @@ class Searcher:
         self.config = snapshot.config
         self._readers: dict[int, _Reader] = {}
         self._targets: list[_Target] | None = None
+        self._last_from: dict[int, _Target] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._reader_lock = threading.Lock()
@@ -542,7 +576,9 @@ class Searcher:
             results = list(self._executor().map(one, targets))
         else:
             results = [one(t) for t in targets]
-        return self._merge(results, k, exclusions)
+        merged = self._merge(results, k, exclusions)
+        self._last_from = {cid: t for row in merged for cid, _, _, t in row}  # which target found each winner
+        return [[(cid, score, seg) for cid, score, seg, _ in row] for row in merged]
 
     def search_target(self, t: _Target, q: np.ndarray, m: int, ef: int, threads: int | None = None):
         """(chunk ids, scores) [n, m] of one target, best first; deleted chunks have score -inf."""
@@ -745,11 +781,12 @@ class Searcher:
     def _default_space(self) -> str:
         return (self.config.get("index") or DEFAULT_PARAMS)["space"]
 
-    def _merge(self, results, k: int, exclusions: list[list[_Exclusion]]) -> list[list[tuple[int, float, int]]]:
+    def _merge(self, results, k: int, exclusions: list[list[_Exclusion]]) -> list[list[tuple]]:
+        """Per query row, the global top k as (chunk_id, score, segment number, target)."""
         out = []
         for i, ex in enumerate(exclusions):
-            ids, scores, segs = [], [], []
-            for t, labels, sc in results:
+            ids, scores, segs, where = [], [], [], []
+            for j, (t, labels, sc) in enumerate(results):
                 lab, s = labels[i], sc[i]
                 keep = np.isfinite(s) & ~t.deleted(lab)
                 for e in ex:
@@ -757,22 +794,36 @@ class Searcher:
                 ids.append(lab[keep])
                 scores.append(s[keep].astype(np.float64))
                 segs.append(t.segments_of(lab[keep]))
+                where.append(np.full(int(keep.sum()), j))
             ids_a = np.concatenate(ids) if ids else np.zeros(0, np.int64)
             if not len(ids_a):
                 out.append([])
                 continue
-            sc_a, seg_a = np.concatenate(scores), np.concatenate(segs)
+            sc_a, seg_a, at_a = np.concatenate(scores), np.concatenate(segs), np.concatenate(where)
             ids_a, first = np.unique(ids_a, return_index=True)  # a chunk in two targets (compacted) counts once
-            sc_a, seg_a = sc_a[first], seg_a[first]
+            sc_a, seg_a, at_a = sc_a[first], seg_a[first], at_a[first]
             order = np.lexsort((ids_a, -sc_a))[:k]
-            out.append([(int(ids_a[j]), float(sc_a[j]), int(seg_a[j])) for j in order])
+            out.append([(int(ids_a[j]), float(sc_a[j]), int(seg_a[j]), results[int(at_a[j])][0]) for j in order])
         return out
 
     def _read_chunks(self, where: dict[int, int]) -> dict[int, dict]:
-        """Rows of the given chunks (by segment number) with their text, continuation text and tokens."""
+        """Rows of the given chunks (by segment number) with their text, continuation text and tokens: from the
+        store of the shard that found them (one open file, whatever the number of segments), else from their
+        segment's."""
+        out: dict[int, dict] = {}
+        by_store: dict[int, tuple] = {}
+        for cid in where:
+            t = self._last_from.get(cid)
+            store = t.store() if t is not None else None
+            if store is not None:
+                by_store.setdefault(id(store), (store, []))[1].append(cid)
+        for store, ids in by_store.values():
+            with reading(self.root, store.path):
+                out.update(store.read(ids))
         by_seg: dict[int, list[int]] = {}
         for cid, number in where.items():
-            by_seg.setdefault(number, []).append(cid)
+            if cid not in out:
+                by_seg.setdefault(number, []).append(cid)
         jobs = [(self.reader(n), ids) for n, ids in by_seg.items()]
         missing = [n for (r, _), n in zip(jobs, by_seg) if r is None]
         if missing:
@@ -782,7 +833,8 @@ class Searcher:
             parts = list(self._executor().map(lambda job: job[0].read(job[1]), jobs))  # Parquet releases the GIL
         else:
             parts = [r.read(ids) for r, ids in jobs]
-        return {cid: row for part in parts for cid, row in part.items()}
+        out.update({cid: row for part in parts for cid, row in part.items()})
+        return out
 
 
 def _query_device(device: str, identity: dict) -> tuple[str, str]:

@@ -84,12 +84,14 @@ def manifest_problems(data) -> list[str]:
             problems.append("config has no tokenizer")
     if version == 1:
         return problems + _segments_problems(data.get("segments"))
-    for g in data.get("groups") if isinstance(data.get("groups"), list) else ():
-        if not isinstance(g, dict) or not _is(g.get("lo"), int) or not isinstance(g.get("summary"), dict) \
-                or not all(_is(g.get(k), t) for k, t in _RECORD.items()):
-            problems.append("a group reference is incomplete")
-        elif not _inside(g["path"], ("manifests/groups",)):
-            problems.append(f"group manifest path {g['path']!r} is outside the database's manifests")
+    listing = data.get("groups")
+    if isinstance(listing, dict):
+        if not all(_is(listing.get(k), t) for k, t in _RECORD.items()) or not _is(listing.get("count"), int):
+            problems.append("the group list record is incomplete")
+        elif not _inside(listing["path"], ("manifests/groups",)):
+            problems.append(f"group list path {listing['path']!r} is outside the database's manifests")
+    if not isinstance(data.get("totals"), dict):
+        problems.append("no 'totals'")
     for r in data.get("ids") if isinstance(data.get("ids"), list) else ():
         if not isinstance(r, dict) or not all(_is(r.get(k), t) for k, t in _RECORD.items()) \
                 or not _is(r.get("rows"), int):
@@ -110,6 +112,25 @@ def manifest_problems(data) -> list[str]:
                 problems.append(f"index unit {u['name']!r}: the {kind} file record is incomplete")
             elif not _inside(rec["path"], ("segments", "indexes")):
                 problems.append(f"index unit {u['name']!r}: the {kind} file path {rec['path']!r} is outside the database")
+    return problems
+
+
+def group_list_problems(data) -> list[str]:
+    """What in a group list (manifests/groups/l-*.json) does not fit: each reference {lo, path, bytes, sha256,
+    summary}, inside the database's manifests, in order of lo."""
+    if not isinstance(data, dict) or not isinstance(data.get("groups"), list):
+        return ["it is not an object with a 'groups' list"]
+    problems, last = [], None
+    for g in data["groups"]:
+        if not isinstance(g, dict) or not _is(g.get("lo"), int) or not isinstance(g.get("summary"), dict) \
+                or not all(_is(g.get(k), t) for k, t in _RECORD.items()):
+            problems.append("a group reference is incomplete")
+        elif not _inside(g["path"], ("manifests/groups",)):
+            problems.append(f"group manifest path {g['path']!r} is outside the database's manifests")
+        elif last is not None and g["lo"] <= last:
+            problems.append("group references are not in order of their segment numbers")
+        else:
+            last = g["lo"]
     return problems
 
 

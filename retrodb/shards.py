@@ -35,6 +35,7 @@ from .snapshot import Segment
 INDEXES = "indexes"
 SHARD_BASE = 1 << 12  # vectors of a tier-0 unit at most
 SHARD_FACTOR = 8  # units per tier before they merge into one shard (each tier 8x the previous)
+SHARD_MAX = 1 << 24  # vectors of a shard at most (16.8M: ~56 GB of HNSW at dim 768, M=32): one machine's share
 
 
 def segment_unit(seg: Segment) -> dict:
@@ -77,8 +78,8 @@ def _unit(edit, name: str) -> dict | None:
 
 
 def read_ranges(root: Path, unit: dict) -> np.ndarray:
-    """A shard's [lo, hi, segment] rows, sorted by lo."""
-    return np.load(Path(root) / unit["files"]["ranges"]["path"])
+    """A shard's [lo, hi, segment] rows, sorted by lo, disjoint (memory-mapped: a lookup reads a few pages)."""
+    return np.load(Path(root) / unit["files"]["ranges"]["path"], mmap_mode="r")
 
 
 def read_dead(root: Path, unit: dict) -> np.ndarray:
@@ -94,25 +95,31 @@ def read_dead(root: Path, unit: dict) -> np.ndarray:
 
 
 def segment_ranges(root: Path, edit, shard: str, number: int) -> np.ndarray:
+    """The chunk id ranges of segment `number` (as the base snapshot has it) that `shard` holds: its chunk ids,
+    read from the segment itself, clipped to the shard's ranges (a cost of the segment, not of the shard)."""
+    from .stages.index import read_chunk_ids
+
     unit = _unit(edit, shard)
-    if unit is None:
+    seg = edit.base.segment(number)
+    if unit is None or seg is None:
         return np.zeros((0, 2), np.int64)
-    r = read_ranges(root, unit)
-    return r[r[:, 2] == number][:, :2]
+    own = np.asarray(runs(read_chunk_ids(root, seg.files)), dtype=np.int64).reshape(-1, 2)
+    return _intersect(own, read_ranges(root, unit))
 
 
-def union(ranges: np.ndarray) -> np.ndarray:
+def union(ranges) -> np.ndarray:
     """Sorted, disjoint [lo, hi) ranges covering the same ids as `ranges`."""
-    if not len(ranges):
+    r = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+    r = r[r[:, 1] > r[:, 0]]
+    if not len(r):
         return np.zeros((0, 2), np.int64)
-    r = ranges[np.argsort(ranges[:, 0], kind="stable")]
-    out = [list(r[0])]
-    for lo, hi in r[1:]:
-        if lo <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return np.asarray(out, dtype=np.int64)
+    r = r[np.argsort(r[:, 0], kind="stable")]
+    reach = np.maximum.accumulate(r[:, 1])
+    start = np.ones(len(r), dtype=bool)
+    start[1:] = r[1:, 0] > reach[:-1]
+    first = np.flatnonzero(start)
+    last = np.append(first[1:], len(r)) - 1
+    return np.stack([r[first, 0], reach[last]], axis=1)
 
 
 def covered(ranges: np.ndarray) -> int:
@@ -125,9 +132,8 @@ def _write_dead(root: Path, edit, track, name: str, ranges) -> None:
     unit = _unit(edit, name)
     if unit is None:
         return
-    labels = read_ranges(root, unit)[:, :2]
-    new = union(np.concatenate([read_dead(root, unit), np.asarray(ranges, np.int64).reshape(-1, 2)]))
-    new = _intersect(new, labels)
+    new = _intersect(union(ranges), read_ranges(root, unit))
+    new = union(np.concatenate([read_dead(root, unit), new]))
     path = track(Path(root) / INDEXES / name / f"dead-v{edit.version:08d}.npy")
     tmp = tmp_path_for(path)
     with open(tmp, "wb") as f:
@@ -139,18 +145,19 @@ def _write_dead(root: Path, edit, track, name: str, ranges) -> None:
 
 
 def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The parts of ranges `a` inside ranges `b` (both sorted, disjoint)."""
+    """The parts of ranges `a` (sorted, disjoint, few) inside ranges `b` (rows [lo, hi, ...], sorted, disjoint,
+    maybe memory-mapped and large: only the rows that meet `a` are read)."""
     out = []
-    j = 0
-    b = union(b)
-    for lo, hi in a:
-        while j < len(b) and b[j, 1] <= lo:
-            j += 1
-        k = j
-        while k < len(b) and b[k, 0] < hi:
-            out.append([max(lo, b[k, 0]), min(hi, b[k, 1])])
-            k += 1
-    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+    if not len(a) or not len(b):
+        return np.zeros((0, 2), np.int64)
+    b_lo, b_hi = b[:, 0], b[:, 1]
+    for lo, hi in np.asarray(a, dtype=np.int64).reshape(-1, 2).tolist():
+        j = int(np.searchsorted(b_hi, lo, side="right"))  # first b ending after lo
+        k = int(np.searchsorted(b_lo, hi, side="left"))  # b starting before hi: j .. k-1
+        if k > j:
+            part = np.asarray(b[j:k, :2], dtype=np.int64)
+            out.append(np.stack([np.maximum(part[:, 0], lo), np.minimum(part[:, 1], hi)], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
 
 # ---------------------------------------------------------------- merging
@@ -160,24 +167,35 @@ def shard_name(version: int, k: int) -> str:
     return f"shard-{version:08d}-{k:04d}"
 
 
-def merge_units(w, threads: int | None = None, base: int = SHARD_BASE, factor: int = SHARD_FACTOR) -> list[dict]:
+def merge_units(w, params: dict | None = None, threads: int | None = None, unindexed: bool = False,
+                base: int | None = None, factor: int | None = None) -> list[dict]:
     """Merge the index units of every full tier into shards (`retrodb index --merge`, `retrodb compact`), in one
-    commit, or none when no tier is full. Returns what was built: name, vectors, segments, units merged."""
+    commit, or none when no tier is full. With `unindexed`, segments that have keys and no index count as
+    units of their own too and go straight into the shards (`index --merge` on a new database: every key is
+    inserted once, no per-segment index is built first). Returns what was built: name, vectors, segments, units
+    merged."""
     from .tiers import plan_merges
 
     snapshot = w.base
-    params = snapshot.config.get("index")
+    params = params or snapshot.config.get("index")
+    base = SHARD_BASE if base is None else base
+    factor = SHARD_FACTOR if factor is None else factor
     units = list(snapshot.index_units)
-    plan = plan_merges([int(u["live"]) for u in units], base, factor) if params else []
+    if unindexed and params and snapshot.totals_summary["unindexed"]:
+        units += [{"kind": "pending", "name": seg.name, "segment": seg.number, "live": seg.live_chunks}
+                  for seg in snapshot.segments_where(lambda s: s["unindexed"] > 0)
+                  if "keys" in seg.files and not seg.indexed and seg.live_chunks > 0]
+    plan = plan_merges([int(u["live"]) for u in units], base, factor, SHARD_MAX) if params else []
     if not plan:
         return []
     edit = w.edit("merge-indexes")
+    edit.config["index"] = params
     built = []
     for k, members in enumerate(plan):
         merged = [units[i] for i in members]
         segments = []
         for u in merged:
-            if u["kind"] == "segment":
+            if u["kind"] in ("segment", "pending"):
                 segments.append(edit.require(u["segment"]))
             else:
                 for n in np.unique(read_ranges(w.root, u)[:, 2]).tolist():
@@ -201,10 +219,13 @@ def build_shard(w, edit, name: str, segments: list[Segment], params: dict, threa
     `indexes/<name>/` (journaled first); returns its unit."""
     import hashlib
 
+    import pyarrow as pa
+
     from .atomic import file_record, make_dirs, publish, tmp_path_for
     from .errors import require
     from .executor import default_workers
     from .stages.index import ADD_BATCH, SEED, open_keys, read_chunk_ids
+    from .store import STORE_COLUMNS, STORE_NAME, StoreWriter, segment_rows
     from .tombstones import deleted_chunk_mask
 
     hnswlib = require("hnswlib", "index")
@@ -218,17 +239,30 @@ def build_shard(w, edit, name: str, segments: list[Segment], params: dict, threa
                      random_seed=SEED)
     ranges = []
     added = 0
-    for seg in segments:
-        keys = open_keys(w.root, seg.files)
-        ids = read_chunk_ids(w.root, seg.files)
-        live = ~deleted_chunk_mask(w.root, seg.files, ids)
-        rows = np.flatnonzero(live)
-        for start in range(0, len(rows), ADD_BATCH):
-            r = rows[start: start + ADD_BATCH]
-            index.add_items(np.asarray(keys[r], dtype=np.float32), ids[r], num_threads=threads)
-            faults.point("merge.batch_added")
-        added += len(rows)
-        ranges.extend((lo, hi, seg.number) for lo, hi in runs(ids[rows]))
+    store = StoreWriter(directory / STORE_NAME, edit.config["tokenizer"]["token_type"])
+    try:
+        for seg in segments:
+            keys = open_keys(w.root, seg.files)
+            ids = read_chunk_ids(w.root, seg.files)
+            live = ~deleted_chunk_mask(w.root, seg.files, ids)
+            rows = np.flatnonzero(live)
+            for start in range(0, len(rows), ADD_BATCH):
+                r = rows[start: start + ADD_BATCH]
+                index.add_items(np.asarray(keys[r], dtype=np.float32), ids[r], num_threads=threads)
+                faults.point("merge.batch_added")
+            at = 0
+            for t in segment_rows(w.root, seg.files):  # the live rows' chunk, text and tokens: winners read here
+                keep = live[at: at + t.num_rows]
+                at += t.num_rows
+                t = t.filter(pa.array(keep))
+                if t.num_rows:
+                    store.write(*(t.column(n) for n in STORE_COLUMNS))
+            added += len(rows)
+            ranges.extend((lo, hi, seg.number) for lo, hi in runs(ids[rows]))
+        store_record = store.close(w.root)
+    except BaseException:
+        store.abort()
+        raise
     tag = hashlib.sha256(name.encode()).hexdigest()[:12]
     final = directory / f"index-{params['space']}-M{params['M']}-efc{params['ef_construction']}-{tag}.hnsw"
     tmp = tmp_path_for(final)
@@ -246,7 +280,8 @@ def build_shard(w, edit, name: str, segments: list[Segment], params: dict, threa
         np.save(f, table)
     publish(tmp, ranges_path)
     return {"kind": "shard", "name": name, "vectors": added, "live": added, "segments": len(segments),
-            "files": {"index": file_record(w.root, final), "ranges": file_record(w.root, ranges_path), "dead": None}}
+            "files": {"index": file_record(w.root, final), "ranges": file_record(w.root, ranges_path),
+                      "store": store_record, "dead": None}}
 
 
 def runs(ids: np.ndarray) -> list[tuple[int, int]]:
@@ -264,10 +299,12 @@ def runs(ids: np.ndarray) -> list[tuple[int, int]]:
 
 
 def redact_vectors(w, edit, chunk_ranges) -> list[str]:
-    """Redaction: for every shard of `edit` that holds a vector of a removed chunk (dead or not), publish a copy of
-    its index file with those vectors overwritten by zeros and marked deleted, and point the unit at it. hnswlib
-    keeps a deleted element's vector in the file, so marking alone would leave it on disk. Returns the index
-    files replaced (old snapshots that reference them must go too)."""
+    """Redaction: for every shard of `edit` that holds a removed chunk (dead or not), publish a copy of its index
+    file with those vectors overwritten by zeros and marked deleted, and a copy of its store without their rows,
+    and point the unit at them. hnswlib keeps a deleted element's vector in the file, so marking alone would
+    leave it on disk. Returns the files replaced (old snapshots that reference them must go too)."""
+    import pyarrow as pa
+
     from .atomic import file_record, publish, tmp_path_for
 
     removed = union(np.asarray([(int(a), int(a) + int(n)) for a, n in chunk_ranges], np.int64).reshape(-1, 2))
@@ -275,7 +312,7 @@ def redact_vectors(w, edit, chunk_ranges) -> list[str]:
     for unit in edit.units:
         if unit["kind"] != "shard" or not len(removed):
             continue
-        hit = _intersect(removed, read_ranges(w.root, unit)[:, :2])
+        hit = _intersect(removed, read_ranges(w.root, unit))
         if not len(hit):
             continue
         old = Path(w.root) / unit["files"]["index"]["path"]
@@ -293,9 +330,26 @@ def redact_vectors(w, edit, chunk_ranges) -> list[str]:
             raise
         replaced.append(unit["files"]["index"]["path"])
         unit["files"] = {**unit["files"], "index": file_record(w.root, final)}
+        if unit["files"].get("store"):  # the store holds the removed chunks' text and tokens: a copy without them
+            from .store import ChunkStore, copy_rows
+
+            old_store = Path(w.root) / unit["files"]["store"]["path"]
+            kept = (t.filter(pa.array(~_in_ranges(t["chunk_id"].to_numpy(), hit)))
+                    for t in (pa.Table.from_batches([b]) for b in ChunkStore(old_store).batches))
+            new_store = w.track(old_store.with_name(f"store-v{edit.version:08d}.arrow"))
+            replaced.append(unit["files"]["store"]["path"])
+            unit["files"] = {**unit["files"], "store": copy_rows(w.root, new_store, edit.config["tokenizer"]["token_type"],
+                                                                kept)}
         mark_dead(edit, unit["name"], hit)
         faults.point("redact.shard_rewritten")
     return replaced
+
+
+def _in_ranges(ids: np.ndarray, ranges: np.ndarray) -> np.ndarray:
+    if not len(ranges):
+        return np.zeros(len(ids), dtype=bool)
+    at = np.searchsorted(ranges[:, 0], ids, side="right") - 1
+    return (at >= 0) & (ids < ranges[np.maximum(at, 0), 1])
 
 
 def erase_vectors(raw: bytearray, ranges: np.ndarray) -> int:

@@ -1,24 +1,27 @@
-"""Snapshots: a small root per version over manifest groups that later versions reuse, and the CURRENT pointer.
+"""Snapshots: a small root per version, over a group list and group manifests that later versions reuse.
 
 A snapshot (version N) is `manifests/v-0000000N.json`, its **root**: config,
-counts, the pending operations, and a list of references to **group
-manifests** (`manifests/groups/g-*.json`), each describing the segments whose
-numbers fall in its range (at most `manifest.GROUP_MAX`), with a summary of
-them (counts, bytes, what they lack) so that most questions are answered from
-the root alone. The root also lists the document-id runs (`retrodb/ids.py`)
-and the searchable index units (`retrodb/shards.py`). A commit writes the
-groups it changed and a new root, and references the other groups as they
-are (Apache Iceberg's manifest lists work the same way); a reader loads the
-root, then only the groups it needs, by segment number.
+the totals of its segments (counts, bytes, what they lack), the pending
+operations, the document-id runs (`retrodb/ids.py`), the searchable index
+units (`retrodb/shards.py`), and a reference to its **group list**
+(`manifests/groups/l-*.json`): one reference per **group manifest**
+(`manifests/groups/g-*.json`), each describing the segments whose numbers
+fall in its range (at most `manifest.GROUP_MAX`), with a summary of them so
+that planning need not read them. Three levels, as Apache Iceberg's table
+metadata, manifest lists and manifests: opening a snapshot and answering
+stats or log reads the root alone, whatever the number of segments; finding a
+segment reads the list and one group. A commit writes the groups it changed,
+a new list (when a group changed) and a new root, and references every other
+group as it is.
 
 The manifest is a typed object: `Segment` (one segment's counts and files),
 read through `Snapshot` and changed only through `manifest.ManifestEdit`
 (see there). Databases written before the tree (format 1: one manifest that
 lists every segment) are read as they are and upgraded by their next commit.
 
-Committing writes every new group, the root under a temporary name, fsyncs,
-renames it into place, then replaces CURRENT (same dance), so a reader that
-opens CURRENT sees one whole snapshot whatever writers do meanwhile.
+Committing writes every new group and list, the root under a temporary name,
+fsyncs, renames it into place, then replaces CURRENT (same dance), so a reader
+that opens CURRENT sees one whole snapshot whatever writers do meanwhile.
 """
 
 from __future__ import annotations
@@ -262,21 +265,55 @@ def load_group(root: Path, ref: GroupRef) -> dict[int, Segment]:
         if hit is not None:
             _GROUP_CACHE.move_to_end(key)
             return hit
-    path = Path(root) / ref.path
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CorruptDatabase(f"group manifest {ref.path} is missing",
-                              hint=f"run: retrodb verify {root}") from None
-    if len(raw) != ref.bytes:
-        raise CorruptDatabase(f"group manifest {ref.path} has {len(raw):,} bytes, its root says {ref.bytes:,}",
-                              hint=f"run: retrodb verify {root}")
+    raw = _read_checked(root, {"path": ref.path, "bytes": ref.bytes}, "group manifest")
     segments = parse_group(raw, ref.path, root)
     with _CACHE_LOCK:
         _GROUP_CACHE[key] = segments
         while len(_GROUP_CACHE) > _GROUP_CACHE_SIZE:
             _GROUP_CACHE.popitem(last=False)
     return segments
+
+
+def _read_checked(root: Path, rec: dict, what: str) -> bytes:
+    path = Path(root) / rec["path"]
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptDatabase(f"{what} {rec['path']} is missing", hint=f"run: retrodb verify {root}") from None
+    if len(raw) != rec["bytes"]:
+        raise CorruptDatabase(f"{what} {rec['path']} has {len(raw):,} bytes, its root says {rec['bytes']:,}",
+                              hint=f"run: retrodb verify {root}")
+    return raw
+
+
+def load_group_list(root: Path, rec: dict) -> list[GroupRef]:
+    """The group references of a root's group list file (cached per process: list files never change)."""
+    from .schema import group_list_problems
+
+    key = ("list", str(Path(root).resolve()), rec["path"], rec["sha256"])
+    with _CACHE_LOCK:
+        hit = _GROUP_CACHE.get(key)
+        if hit is not None:
+            _GROUP_CACHE.move_to_end(key)
+            return hit
+    raw = _read_checked(root, rec, "group list")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptDatabase(f"group list {rec['path']} is not valid JSON: {exc}",
+                              hint=f"run: retrodb verify {root}") from None
+    problems = group_list_problems(data)
+    if problems:
+        raise CorruptDatabase(f"group list {rec['path']} is damaged: {problems[0]}", hint=f"run: retrodb verify {root}")
+    refs = [GroupRef.from_json(g) for g in data["groups"]]
+    with _CACHE_LOCK:
+        _GROUP_CACHE[key] = refs
+    return refs
+
+
+def group_list_json(refs: list[GroupRef]) -> bytes:
+    return json.dumps({"format_version": FORMAT_VERSION, "groups": [r.to_json() for r in refs]},
+                      sort_keys=True, separators=(",", ":")).encode()
 
 
 def parse_group(raw: bytes, where: str, root: Path) -> dict[int, Segment]:
@@ -349,27 +386,38 @@ class SegmentMap(Mapping):
 
 
 class Snapshot:
-    """One committed version of a database: its root, read at once, and its groups, read when needed."""
+    """One committed version of a database: its root, read at once; its group list and groups, when needed."""
 
     def __init__(self, root: Path, data: dict):
         self.root = Path(root)
         self.data = data  # the root manifest as stored (read it through the properties)
         self.format_version = int(data.get("format_version", 1))
         self._groups: dict[int, dict[int, Segment]] = {}
+        self._refs: list[GroupRef] | None = None
+        self._los: list[int] | None = None
+        self.list_record: dict | None = None  # the group list file {path, bytes, sha256, count} (format 2)
         if self.format_version < 2:  # one in-memory group holds every segment; upgraded by the next commit
             segs = {segment_number(n): Segment.from_json(segment_number(n), e) for n, e in data["segments"].items()}
             self._groups[0] = segs
-            self.group_refs = [GroupRef(0, None, 0, None, summarize(segs.values()))] if segs else []
-            self.totals_summary = combine(r.summary for r in self.group_refs)
+            self._refs = [GroupRef(0, None, 0, None, summarize(segs.values()))] if segs else []
+            self.totals_summary = combine(r.summary for r in self._refs)
             self.id_runs: list[dict] = []
             self.index_units: list[dict] = _units_of_v1(segs.values())
         else:
-            self.group_refs = [GroupRef.from_json(g) for g in data.get("groups", [])]
-            self.totals_summary = data.get("totals") or combine(r.summary for r in self.group_refs)
+            self.list_record = data.get("groups")
+            if not self.list_record:
+                self._refs = []
+            self.totals_summary = data["totals"]
             self.id_runs = list(data.get("ids", []))
             self.index_units = list(data.get("indexes", []))
-        self._los = [r.lo for r in self.group_refs]
         self.segments = SegmentMap(self)
+
+    @property
+    def group_refs(self) -> list[GroupRef]:
+        """The root's group list (read the first time it is needed: stats and log never need it)."""
+        if self._refs is None:
+            self._refs = load_group_list(self.root, self.list_record)
+        return self._refs
 
     # -- the root
     @property
@@ -418,6 +466,8 @@ class Snapshot:
     # -- groups and segments
     def group_index(self, number: int) -> int | None:
         """Which group holds (or would hold) segment `number`; None before the first group."""
+        if self._los is None:
+            self._los = [r.lo for r in self.group_refs]
         i = bisect.bisect_right(self._los, number) - 1
         return i if i >= 0 else None
 
@@ -449,9 +499,10 @@ class Snapshot:
         return [seg.path(self.root, kind) for seg in self.segments.values() if kind in seg.files]
 
     def metadata_records(self) -> list[dict]:
-        """Records of the files that describe the snapshot besides its root: group manifests, id runs, index
-        shards' files (each {path, bytes, sha256})."""
-        out = [{"path": r.path, "bytes": r.bytes, "sha256": r.sha256} for r in self.group_refs if r.path]
+        """Records of the files that describe the snapshot besides its root: its group list and group manifests,
+        id runs, index shards' files (each {path, bytes, sha256})."""
+        out = [{k: self.list_record[k] for k in ("path", "bytes", "sha256")}] if self.list_record else []
+        out += [{"path": r.path, "bytes": r.bytes, "sha256": r.sha256} for r in self.group_refs if r.path]
         out += [{k: run[k] for k in ("path", "bytes", "sha256")} for run in self.id_runs]
         out += [rec for u in self.index_units if u.get("kind") == "shard" for rec in u["files"].values() if rec]
         return out

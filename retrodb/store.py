@@ -24,6 +24,7 @@ import numpy as np
 from .atomic import file_record, publish, tmp_path_for
 
 STORE_NAME = "store.arrow"
+STORE_COLUMNS = ("chunk_id", "doc_id", "position", "text", "tokens", "continuation_id")
 BATCH_ROWS = 1 << 16
 
 
@@ -67,43 +68,83 @@ class StoreWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_from_tables(root: Path, directory: Path) -> dict:
-    """(Re)write a segment's store from its documents.parquet and chunks.parquet (chunks are grouped by document,
-    in document order: `verify` checks it), a batch of documents at a time."""
+def _token_type(chunks_file) -> str:
+    from .schema import TOKEN_TYPES
+
+    value_type = chunks_file.schema_arrow.field("tokens").type.value_type
+    return next(name for name, t in TOKEN_TYPES.items() if t == value_type)
+
+
+def _rows_from_tables(directory: Path):
+    """A segment's store rows derived from its documents.parquet and chunks.parquet (chunks are grouped by document,
+    in document order: `verify` checks it), a batch of documents at a time: (chunk ids, doc ids, positions, texts,
+    tokens, continuation ids)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .schema import TOKEN_TYPES
-
     docs = pq.ParquetFile(Path(directory) / "documents.parquet")
-    chunk_file = pq.ParquetFile(Path(directory) / "chunks.parquet")
-    value_type = chunk_file.schema_arrow.field("tokens").type.value_type
-    token_type = next(name for name, t in TOKEN_TYPES.items() if t == value_type)
-    chunks = chunk_file.iter_batches(
+    chunks = pq.ParquetFile(Path(directory) / "chunks.parquet").iter_batches(
         batch_size=BATCH_ROWS, columns=["chunk_id", "doc_id", "position", "char_start", "char_end", "tokens",
                                         "continuation_id"])
-    writer = StoreWriter(Path(directory) / STORE_NAME, token_type)
     pending = None
+    for batch in docs.iter_batches(batch_size=4096, columns=["doc_id", "text", "num_chunks"]):
+        need = int(np.asarray(batch.column(2)).sum())
+        parts = []
+        while need > 0:
+            if pending is None or pending.num_rows == 0:
+                pending = next(chunks)
+            take = pending.slice(0, need)
+            parts.append(take)
+            pending = pending.slice(need)
+            need -= take.num_rows
+        if not parts:
+            continue
+        c = pa.Table.from_batches(parts)
+        texts = batch.column(1).to_pylist()
+        counts = np.asarray(batch.column(2)).astype(np.int64)
+        doc_of_chunk = np.repeat(np.arange(len(texts)), counts)
+        starts, ends = c["char_start"].to_pylist(), c["char_end"].to_pylist()
+        chunk_texts = [texts[d][a:b] for d, a, b in zip(doc_of_chunk.tolist(), starts, ends)]
+        yield c["chunk_id"], c["doc_id"], c["position"], chunk_texts, c["tokens"], c["continuation_id"]
+
+
+def write_from_tables(root: Path, directory: Path) -> dict:
+    """(Re)write a segment's store from its documents.parquet and chunks.parquet."""
+    import pyarrow.parquet as pq
+
+    token_type = _token_type(pq.ParquetFile(Path(directory) / "chunks.parquet"))
+    writer = StoreWriter(Path(directory) / STORE_NAME, token_type)
     try:
-        for batch in docs.iter_batches(batch_size=4096, columns=["doc_id", "text", "num_chunks"]):
-            need = int(np.asarray(batch.column(2)).sum())
-            parts = []
-            while need > 0:
-                if pending is None or pending.num_rows == 0:
-                    pending = next(chunks)
-                take = pending.slice(0, need)
-                parts.append(take)
-                pending = pending.slice(need)
-                need -= take.num_rows
-            if not parts:
-                continue
-            c = pa.Table.from_batches(parts)
-            texts = batch.column(1).to_pylist()
-            counts = np.asarray(batch.column(2)).astype(np.int64)
-            doc_of_chunk = np.repeat(np.arange(len(texts)), counts)
-            starts, ends = c["char_start"].to_pylist(), c["char_end"].to_pylist()
-            chunk_texts = [texts[d][a:b] for d, a, b in zip(doc_of_chunk.tolist(), starts, ends)]
-            writer.write(c["chunk_id"], c["doc_id"], c["position"], chunk_texts, c["tokens"], c["continuation_id"])
+        for columns in _rows_from_tables(directory):
+            writer.write(*columns)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close(root)
+
+
+def segment_rows(root: Path, files: dict):
+    """The store rows of a segment (given its file records), as tables in the row order of its chunks.parquet:
+    from its store, or derived from its tables for a segment written before stores."""
+    import pyarrow as pa
+
+    if "store" in files:
+        for batch in ChunkStore(Path(root) / files["store"]["path"]).batches:
+            yield pa.Table.from_batches([batch])
+        return
+    directory = (Path(root) / files["chunks"]["path"]).parent
+    for ids, doc_ids, positions, texts, tokens, cont in _rows_from_tables(directory):
+        yield pa.table({"chunk_id": ids, "doc_id": doc_ids, "position": positions, "text": texts,
+                        "tokens": tokens, "continuation_id": cont})
+
+
+def copy_rows(root: Path, final: Path, token_type: str, tables) -> dict:
+    """A store at `final` made of the row tables `tables` (an iterator), published when complete."""
+    writer = StoreWriter(final, token_type)
+    try:
+        for t in tables:
+            if t.num_rows:
+                writer.write(*(t.column(n) for n in STORE_COLUMNS))
     except BaseException:
         writer.abort()
         raise

@@ -531,6 +531,16 @@ def check_schema(v: Verification) -> None:
             problems = [f"not readable JSON ({exc})"]
         for problem in problems:
             v.error(f"manifest v{version}: {problem} (schemas/manifest.json)", _rel(v.root, path))
+    if v.snapshot.list_record:
+        from .schema import group_list_problems
+
+        rec = v.snapshot.list_record
+        try:
+            problems = group_list_problems(json.loads((v.root / rec["path"]).read_bytes()))
+        except (OSError, ValueError) as exc:
+            problems = [f"not readable JSON ({exc})"]
+        for problem in problems:
+            v.error(f"group list: {problem}", rec["path"])
     for ref in v.snapshot.group_refs:
         if ref.path is None:
             continue
@@ -675,6 +685,18 @@ def check_indexes(v: Verification) -> None:
         if covered(ranges[:, :2]) != u["vectors"]:
             v.error(f"index shard {name}: its ranges cover {covered(ranges[:, :2]):,} chunks for {u['vectors']:,} "
                     "vectors", u["files"]["ranges"]["path"])
+        if u["files"].get("store"):
+            from .store import ChunkStore
+
+            ids = np.sort(ChunkStore(v.root / u["files"]["store"]["path"]).ids)
+            labels = np.concatenate([np.arange(lo, hi) for lo, hi in ranges[:, :2].tolist()]) if len(ranges) \
+                else np.zeros(0, np.int64)
+            removed = np.concatenate([np.arange(lo, hi) for lo, hi in dead.tolist()]) if len(dead) \
+                else np.zeros(0, np.int64)
+            live_labels = np.setdiff1d(labels, removed)  # rows of dead chunks may be gone (a redaction)
+            if len(np.setdiff1d(ids, labels)) or len(np.setdiff1d(live_labels, ids)):
+                v.error(f"index shard {name}: its store does not hold the rows of its live vectors",
+                        u["files"]["store"]["path"])
         if u["live"] != u["vectors"] - covered(dead):
             v.error(f"index shard {name}: {u['live']:,} live vectors in the root, {u['vectors'] - covered(dead):,} by "
                     "its dead ranges")

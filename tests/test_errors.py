@@ -84,15 +84,25 @@ def test_manifest_paths_outside_the_database_are_refused(cli, db):
     version = retrodb.open(db).version
     path = db / "manifests" / f"v-{version:08d}.json"
     root = json.loads(path.read_text())
-    group_path = db / root["groups"][0]["path"]
+    list_path = db / root["groups"]["path"]
+    listing = json.loads(list_path.read_text())
+    group_path = db / listing["groups"][0]["path"]
     group = json.loads(group_path.read_text())
     seg = next(iter(group["segments"].values()))
     seg["files"]["documents"]["path"] = "../../../etc/passwd"
     group_path.write_text(json.dumps(group))
-    root["groups"][0]["bytes"] = group_path.stat().st_size  # a consistent forgery: only the path check can catch it
+    # a consistent forgery (sizes recorded up the tree): only the path checks can catch it
+    listing["groups"][0]["bytes"] = group_path.stat().st_size
+    list_path.write_text(json.dumps(listing))
+    root["groups"]["bytes"] = list_path.stat().st_size
     path.write_text(json.dumps(root))
     assert clear(cli("sql", db, "SELECT count(*) FROM documents"), "outside the database")
-    root["groups"][0]["path"] = "../../etc/group.json"
+    listing["groups"][0]["path"] = "../../etc/group.json"
+    list_path.write_text(json.dumps(listing))
+    root["groups"]["bytes"] = list_path.stat().st_size
+    path.write_text(json.dumps(root))
+    assert clear(cli("sql", db, "SELECT count(*) FROM documents"), "outside the database")
+    root["groups"]["path"] = "../../etc/list.json"
     path.write_text(json.dumps(root))
     assert clear(cli("stats", db), "outside the database")
 

@@ -119,13 +119,15 @@ def test_group_summaries_answer_stats_without_reading_groups(tmp_path, monkeypat
     db = many_segments(tmp_path, n_docs=6)
     delete(db, doc_ids=["d2"])
     read = []
-    real = retrodb.snapshot.load_group
+    real, real_list = retrodb.snapshot.load_group, retrodb.snapshot.load_group_list
     monkeypatch.setattr(retrodb.snapshot, "load_group", lambda root, ref: read.append(ref.path) or real(root, ref))
+    monkeypatch.setattr(retrodb.snapshot, "load_group_list",
+                        lambda root, rec: read.append(rec["path"]) or real_list(root, rec))
     handle = retrodb.open(db)
     stats = handle.stats()
     assert (stats["documents"], stats["deleted_documents"], stats["segments"]) == (5, 1, 6)
     assert handle.log()[-1]["documents"] == 5
-    assert read == []  # the root's summaries answered; no group manifest was read
+    assert read == []  # the root's totals answered; neither the group list nor a group manifest was read
     assert len(handle.stats(segments=True)["per_segment"]) == 6 and read
 
 
@@ -356,3 +358,41 @@ def test_lookup_of_ids_in_many_runs_and_odd_ids(tmp_path, monkeypatch):
     live, dead = ids.lookup(retrodb.open(db).snapshot, ["日本", "a", "ab"])
     assert [d.doc_id for d in live] == ["ab"] and sorted(d.doc_id for d in dead) == sorted(["日本", "a"])
     assert verify(db).ok
+
+
+def test_index_merge_on_unindexed_segments_builds_shards_directly(tmp_path):
+    from retrodb.index import index
+
+    db = build_db(tmp_path / "db", n_docs=20, segment_bytes=300)  # keys, no index
+    q = probe_vectors(db)
+    want = exact_ids(db, q)
+    report = index(db, M=8, ef_construction=40, merge=True, threads=1)
+    assert report.segments == [] and len(report.merged) == 1 and report.merged[0]["segments"] == 20
+    assert not list((db / "segments").glob("*/index-*.hnsw"))  # no per-segment index was built first
+    assert retrodb.open(db).config["index"] == {"space": "cosine", "M": 8, "ef_construction": 40}
+    assert hnsw_ids(db, q) == want
+    report = index(db, M=16, rebuild=True, merge=True, threads=1)  # other parameters: rebuilt, then merged again
+    assert len(report.segments) == 20 and len(report.merged) == 1
+    assert [u["kind"] for u in retrodb.open(db).snapshot.index_units] == ["shard"]
+    assert hnsw_ids(db, q) == want
+    assert verify(db).ok
+
+
+def test_tier_plan_keeps_fewer_than_factor_units_per_tier_and_respects_the_cap():
+    from retrodb.tiers import plan_merges, tier_of
+
+    def after(sizes, plan):
+        merged = {i for group in plan for i in group}
+        return [s for i, s in enumerate(sizes) if i not in merged] + [sum(sizes[i] for i in g) for g in plan]
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        sizes = rng.integers(1, 5000, rng.integers(1, 200)).tolist()
+        plan = plan_merges(sizes, 100, 4)
+        assert sorted(i for g in plan for i in g) == sorted(set(i for g in plan for i in g))  # each merged once
+        result = after(sizes, plan)
+        tiers = [tier_of(s, 100, 4) for s in result]
+        assert all(tiers.count(t) < 4 for t in set(tiers))
+        capped = after(sizes, plan_merges(sizes, 100, 4, cap=3000))
+        assert max(capped) <= max(3000, max(sizes)) and sum(capped) == sum(sizes)
+    assert plan_merges([10] * 7, 100, 8) == [] and plan_merges([10] * 8, 100, 8) == [list(range(8))]

@@ -63,7 +63,7 @@ def test_clean_database_passes(cli, db):
     assert report.ok and not report.findings and report.checks[:4] == ["pending", "files", "schema", "rows"]
     snap = retrodb.open(db).snapshot
     assert report.files == sum(len(s.files) for s in snap.segments.values()) + len(snap.metadata_records())
-    assert len(snap.metadata_records()) == 2  # one group manifest, one id run
+    assert len(snap.metadata_records()) == 3  # the group list, one group manifest, one id run
     r = cli("verify", db, "--format", "json")
     assert r.code == 0 and r.json_lines()[0]["ok"] is True
 
