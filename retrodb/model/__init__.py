@@ -1,0 +1,18 @@
+"""The bundled RETRO model (Borgeaud et al. 2021, small scale) that reads a retrodb database.
+
+    from retrodb.model import load
+    lm = load()                                  # the bundled checkpoint (package data, no network)
+    lm.bpb("my-db", ["some text ..."])           # bits per byte, with and without retrieval
+    lm.generate("my-db", "def parse(", max_new_tokens=64)
+
+Modules, top to bottom: config (the one dataclass), attention (RMSNorm, rotary, attention,
+feed-forward), encoder, cca (chunked cross-attention), decoder (the model), bpe (its LM
+tokenizer), checkpoint (safetensors shards), train, evaluate, generate, corpus (the recipe's
+training corpus). torch is imported only when a model is loaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BUNDLED = Path(__file__).resolve().parent / "bundled"  # config.json, tokenizer.json, model-*.safetensors
