@@ -64,14 +64,15 @@ def _find_sequence(values: np.ndarray, seq: np.ndarray) -> list[int]:
 
 
 class AbsenceScanner:
-    def __init__(self, texts: list[str], token_seqs: list[list[int]] | None = None, ignore_case: bool = False,
+    def __init__(self, texts: list[str], token_seqs: list[list[list[int]]] | None = None, ignore_case: bool = False,
                  keys: list[np.ndarray] | None = None, threshold: float = 0.999):
         self.texts = texts
         self.ignore_case = ignore_case
         self.needles = [(t.lower() if ignore_case else t).encode("utf-8") for t in texts]
-        self.seqs = [np.asarray(s, dtype=np.int64) for s in (token_seqs or [])]
+        # (needle, ids) for every form a text's ids take in context (see tokenizer.token_id_forms)
+        self.seqs = [(i, np.asarray(s, dtype=np.int64)) for i, forms in enumerate(token_seqs or []) for s in forms]
         self.raw_seqs = []
-        for i, s in enumerate(self.seqs):
+        for i, s in self.seqs:
             if len(s) >= 3:
                 for dt in ("<u2", "<u4"):
                     if s.max(initial=0) < np.iinfo(dt).max:
@@ -147,7 +148,7 @@ class AbsenceScanner:
                             hits.append(Hit(rel, f"row group {g} column {col_name} row {int(r)}", "text", i))
                 elif pa.types.is_list(typ) and pa.types.is_integer(typ.value_type) and self.seqs:
                     values = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
-                    for i, seq in enumerate(self.seqs):
+                    for i, seq in self.seqs:
                         for start in _find_sequence(values, seq):
                             hits.append(Hit(rel, f"row group {g} column {col_name} value {start}", "tokens", i))
         return hits
@@ -196,9 +197,9 @@ def scan_absent(root: str | Path, texts: list[str], *, ignore_case: bool = False
     root = Path(root)
     seqs = None
     if tokenizer_path:
-        from .tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer, token_id_forms
 
         tok = load_tokenizer(tokenizer_path)
-        seqs = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+        seqs = [token_id_forms(tok, t) for t in texts]
     keys = list(embedder.embed(texts)) if check_keys and embedder is not None else None
     return AbsenceScanner(texts, seqs, ignore_case, keys, threshold).scan(root)

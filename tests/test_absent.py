@@ -7,7 +7,7 @@ import numpy as np
 from retrodb.absent import scan_absent
 from retrodb.embedder import HashEmbedder
 from retrodb.ingest import IngestOptions, ingest
-from retrodb.tokenizer import default_model_dir, load_tokenizer
+from retrodb.tokenizer import default_lm_tokenizer_dir, default_model_dir, load_tokenizer
 from tests.conftest import make_text
 
 SECRET = "zebra-quartz 7731 hidden phrase"
@@ -17,7 +17,7 @@ def test_finds_text_inside_compressed_parquet_and_token_ids(tmp_path, db_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"id": "s", "text": make_text(1) + " " + SECRET + " " + make_text(2)}) + "\n")
     ingest(db_path, [str(src)], IngestOptions(workers=1))
-    tok = str(default_model_dir())
+    tok = str(default_lm_tokenizer_dir())  # byte-level BPE: mid-sentence, the secret's ids start with "Ġzebra"
     hits = scan_absent(db_path, [SECRET], tokenizer_path=tok)
     where = {(h.file.split("/")[-1], h.what) for h in hits}
     assert ("documents.parquet", "text") in where and ("chunks.parquet", "tokens") in where
