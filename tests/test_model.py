@@ -9,20 +9,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from model_fakes import one_torch_thread  # noqa: E402,F401 (fixture)
+
 from retrodb.model.attention import rotary_table  # noqa: E402
 from retrodb.model.config import RetroConfig  # noqa: E402
 from retrodb.model.decoder import Retro  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 M = 4  # chunk size of the tiny models
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two and does not fight the other tests for the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(**kw) -> RetroConfig:
