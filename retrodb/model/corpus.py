@@ -4,14 +4,19 @@ Nothing is downloaded. The corpus is the Python standard library's source files 
 lib2to3, generated codec tables and pydoc_data left out), the documentation topics of
 `pydoc_data.topics` (English prose), and the Python sources of the small pure-Python
 dependencies that retrodb installs (torch and transformers are left out: they are four times
-the rest together). Versions differ between installs, so `write_corpus` records every
+the rest together). The bundled model's database holds the first two (MODEL_SOURCES: what a
+shared 2-core CPU can embed and train on in a session); its tokenizer was trained on all three.
+Versions differ between installs, so `write_corpus` records every
 document's size and sha256; `make model` compares them with the card (docs/model.md).
 
 A fixed list of documents, `HELD_OUT`, is never trained on (nor used to train the tokenizer):
 they measure what the model reads from its database (`bench/bench_model.py`, `make demo`).
 
-    python -m retrodb.model.corpus DIR                   # DIR/train.jsonl, heldout.jsonl, manifest.tsv
+    python -m retrodb.model.corpus DIR [SOURCE...]       # DIR/train.jsonl, heldout.jsonl, manifest.tsv
     python -m retrodb.model.corpus --held-out FILE [ID...]   # only the held-out documents (JSONL)
+
+SOURCES: stdlib, pydoc, dependencies (default: all three; the tokenizer is trained on all three,
+the bundled model's database holds stdlib and pydoc, MODEL_SOURCES).
 """
 
 from __future__ import annotations
@@ -102,11 +107,17 @@ def dependency_documents() -> Iterator[CorpusDocument]:
         yield from _source_files(site, located, name)
 
 
-def corpus_documents() -> list[CorpusDocument]:
-    """Every document of the corpus, held-out ones included, sorted by id (the order is the recipe's)."""
+SOURCES = {"stdlib": stdlib_documents, "pydoc": pydoc_documents, "dependencies": dependency_documents}
+ALL_SOURCES = tuple(SOURCES)
+MODEL_SOURCES = ("stdlib", "pydoc")  # the bundled model's training database (the tokenizer saw all three)
+
+
+def corpus_documents(sources: tuple[str, ...] = ALL_SOURCES) -> list[CorpusDocument]:
+    """Every document of `sources`, held-out ones included, sorted by id (the order is the recipe's)."""
     docs: dict[str, CorpusDocument] = {}
-    for d in (*stdlib_documents(), *pydoc_documents(), *dependency_documents()):
-        docs.setdefault(d.doc_id, d)
+    for source in sources:
+        for d in SOURCES[source]():
+            docs.setdefault(d.doc_id, d)
     return [docs[k] for k in sorted(docs)]
 
 
@@ -123,10 +134,10 @@ def write_jsonl(path: Path, docs: list[CorpusDocument]) -> Path:
     return path
 
 
-def write_corpus(directory: str | Path) -> dict:
+def write_corpus(directory: str | Path, sources: tuple[str, ...] = ALL_SOURCES) -> dict:
     """Write train.jsonl, heldout.jsonl and manifest.tsv (doc_id, split, bytes, sha256) to `directory`."""
     directory = Path(directory)
-    docs = corpus_documents()
+    docs = corpus_documents(sources)
     held = set(HELD_OUT)
     train = [d for d in docs if d.doc_id not in held]
     heldout = [d for d in docs if d.doc_id in held]
@@ -148,4 +159,4 @@ if __name__ == "__main__":
         out = Path(args[1] if len(args) > 1 else "heldout.jsonl")
         write_jsonl(out, held_out_documents(args[2:] or HELD_OUT))
     else:
-        print(json.dumps(write_corpus(args[0] if args else "model-corpus")))
+        print(json.dumps(write_corpus(args[0] if args else "model-corpus", tuple(args[1:]) or ALL_SOURCES)))

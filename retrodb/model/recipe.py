@@ -28,16 +28,20 @@ from .train import TrainConfig
 # 7.8M parameters (31 MB in fp32): what a few hours of a shared 2-core CPU can train.
 BUNDLED_MODEL = RetroConfig(vocab_size=8192, chunk_size=64, dim=256, n_layers=6, n_heads=4, head_dim=64, ffn_mult=4,
                             cca_layers=None, enc_dim=128, enc_layers=2, enc_heads=2)
-BUNDLED_TRAIN = TrainConfig(seq_len=512, k=2, batch_size=8, steps=3000, lr=1.5e-3, min_lr_ratio=0.1,
-                            warmup_steps=150, weight_decay=0.1, grad_clip=1.0, eval_every=250, eval_sequences=64,
-                            checkpoint_every=100, log_every=10, seed=0, val_fraction=0.02)
+# What one session of a shared 2-core CPU could train (about an hour, niced): 240 steps of 8 x 512 tokens.
+# Continue it with: retrodb train model-work/db --out model-work/run --resume --steps N (docs/model.md).
+BUNDLED_TRAIN = TrainConfig(seq_len=512, k=2, batch_size=8, steps=240, lr=2e-3, min_lr_ratio=0.1,
+                            warmup_steps=30, weight_decay=0.1, grad_clip=1.0, eval_every=120, eval_sequences=32,
+                            checkpoint_every=20, log_every=5, seed=0, val_fraction=0.02)
 VOCAB_SIZE = 8192
 
 
 def step_corpus(work: Path) -> dict:
-    from .corpus import write_corpus
+    """The tokenizer's corpus (every source) in work/corpus, the model database's (MODEL_SOURCES) in work/model-corpus."""
+    from .corpus import MODEL_SOURCES, write_corpus
 
-    summary = write_corpus(work / "corpus")
+    write_corpus(work / "corpus")
+    summary = write_corpus(work / "model-corpus", MODEL_SOURCES)
     print(f"corpus: {summary['documents']} documents, {summary['bytes']:,} bytes; {summary['held_out']} held out; "
           f"manifest sha256 {summary['manifest_sha256'][:12]} (Python {summary['python']})", flush=True)
     return summary
@@ -70,7 +74,7 @@ def step_database(work: Path) -> Path:
     from ..neighbours import compute_neighbours
 
     db = work / "db"
-    ingest(db, [str(work / "corpus" / "train.jsonl")], IngestOptions())
+    ingest(db, [str(work / "model-corpus" / "train.jsonl")], IngestOptions())
     embed(db)
     index(db)
     compute_neighbours(db, k=BUNDLED_TRAIN.k)
