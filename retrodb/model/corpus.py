@@ -153,6 +153,23 @@ def write_corpus(directory: str | Path, sources: tuple[str, ...] = ALL_SOURCES) 
             "manifest_sha256": digest, "python": sys.version.split()[0]}
 
 
+def write_manifest(path: str | Path) -> str:
+    """The whole recipe's file list (docs/model-corpus.tsv): doc_id, role, bytes, sha256; returns its sha256.
+
+    role: model (in the bundled model's database and its tokenizer's corpus), tokenizer (the
+    tokenizer's corpus only) or heldout (neither).
+    """
+    held = set(HELD_OUT)
+    model = {d.doc_id for d in corpus_documents(MODEL_SOURCES)}
+    lines = ["doc_id\trole\tbytes\tsha256"]
+    for d in corpus_documents():
+        role = "heldout" if d.doc_id in held else "model" if d.doc_id in model else "tokenizer"
+        lines.append(f"{d.doc_id}\t{role}\t{len(d.text.encode())}\t{d.sha256}")
+    text = "\n".join(lines) + "\n"
+    Path(path).write_text(text, encoding="utf-8")
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--held-out"]:

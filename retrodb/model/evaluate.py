@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import RetrodbError
-from .retrieval import retrieve
+from .retrieval import database_handle, retrieve
 
 LN2 = math.log(2)
 
@@ -63,14 +63,6 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int]]:
     return out
 
 
-def _open(db):
-    if db is None or hasattr(db, "query"):
-        return db
-    from ..database import open as open_db
-
-    return open_db(db)
-
-
 @torch.no_grad()
 def bits_per_byte(lm, db, texts: list[str], *, k: int = 2, exclude_doc=None, retrieval: bool | None = None,
                   window: int | None = None, stride: int | None = None, batch_size: int = 8, doc_ids=None,
@@ -83,7 +75,7 @@ def bits_per_byte(lm, db, texts: list[str], *, k: int = 2, exclude_doc=None, ret
     """
     from ..tokenizer import chunk_batch
 
-    db = _open(db)
+    db = database_handle(db)
     modes = {"with": retrieval in (None, True) and db is not None, "without": retrieval in (None, False)}
     if modes["with"]:
         lm.check_database(db)

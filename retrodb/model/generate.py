@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .retrieval import retrieve
+from .retrieval import database_handle, retrieve
 
 
 @dataclass
@@ -54,9 +54,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 def generate(lm, db, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
              seed: int = 0, retrieval: bool = True, k: int = 2, exclude_doc=None, on_token=None) -> Generation:
     """Continue `prompt` by up to `max_new_tokens` tokens. `db`: a retrodb.Database or its path."""
-    from .evaluate import _open
-
-    db = _open(db) if retrieval else None
+    db = database_handle(db) if retrieval else None
     if db is not None:
         lm.check_database(db)
     m, window = lm.chunk_size, lm.seq_len

@@ -28,9 +28,9 @@ from .train import TrainConfig
 # 7.8M parameters (31 MB in fp32): what a few hours of a shared 2-core CPU can train.
 BUNDLED_MODEL = RetroConfig(vocab_size=8192, chunk_size=64, dim=256, n_layers=6, n_heads=4, head_dim=64, ffn_mult=4,
                             cca_layers=None, enc_dim=128, enc_layers=2, enc_heads=2)
-# What one session of a shared 2-core CPU could train (about an hour, niced): 240 steps of 8 x 512 tokens.
+# What one session of a shared 2-core CPU could train (about an hour, niced): 450 steps of 8 x 512 tokens.
 # Continue it with: retrodb train model-work/db --out model-work/run --resume --steps N (docs/model.md).
-BUNDLED_TRAIN = TrainConfig(seq_len=512, k=2, batch_size=8, steps=240, lr=2e-3, min_lr_ratio=0.1,
+BUNDLED_TRAIN = TrainConfig(seq_len=512, k=2, batch_size=8, steps=450, lr=2e-3, min_lr_ratio=0.1,
                             warmup_steps=30, weight_decay=0.1, grad_clip=1.0, eval_every=120, eval_sequences=32,
                             checkpoint_every=20, log_every=5, seed=0, val_fraction=0.02)
 VOCAB_SIZE = 8192
@@ -38,12 +38,14 @@ VOCAB_SIZE = 8192
 
 def step_corpus(work: Path) -> dict:
     """The tokenizer's corpus (every source) in work/corpus, the model database's (MODEL_SOURCES) in work/model-corpus."""
-    from .corpus import MODEL_SOURCES, write_corpus
+    from .corpus import MODEL_SOURCES, write_corpus, write_manifest
 
     write_corpus(work / "corpus")
     summary = write_corpus(work / "model-corpus", MODEL_SOURCES)
+    summary["manifest_sha256"] = write_manifest(work / "corpus-manifest.tsv")  # compare with docs/model-corpus.tsv
     print(f"corpus: {summary['documents']} documents, {summary['bytes']:,} bytes; {summary['held_out']} held out; "
-          f"manifest sha256 {summary['manifest_sha256'][:12]} (Python {summary['python']})", flush=True)
+          f"file list sha256 {summary['manifest_sha256'][:12]} (Python {summary['python']}; "
+          "docs/model-corpus.tsv is the recipe's)", flush=True)
     return summary
 
 

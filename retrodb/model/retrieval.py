@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 QUERY_BATCH = 256  # chunk texts per Database.query call
+_HANDLES: dict = {}  # database root -> the Database handle this process retrieves through
 
 
 @dataclass
@@ -19,6 +20,29 @@ class Retrieved:
     tokens: np.ndarray  # (n, k, 2m) int64: neighbour chunk then its continuation, 0-padded
     mask: np.ndarray  # (n, k, 2m) bool: True at real tokens
     neighbours: list[list]  # per query, the retrodb.query.Neighbour objects, best first
+
+
+def database_handle(db):
+    """A Database for `db` (a handle, returned as it is, or a path) at its CURRENT snapshot.
+
+    For a path, one handle per database is kept in this process and moved to the newest
+    snapshot at each call, so an edit made meanwhile (by any process) is seen at once, while
+    the loaded embedder and the indexes of unchanged segments are reused.
+    """
+    if db is None or hasattr(db, "query"):
+        return db
+    from pathlib import Path
+
+    from ..database import open as open_db
+    from ..snapshot import read_current
+
+    root = str(Path(db).resolve())
+    handle = _HANDLES.get(root)
+    if handle is None:
+        handle = _HANDLES[root] = open_db(root)
+    elif handle.version != handle.current_version():
+        handle.snapshot = read_current(handle.root)
+    return handle
 
 
 def neighbour_arrays(results, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
