@@ -51,8 +51,10 @@ def stats(db: DbArg, at: AtOpt = None, fmt: FormatOpt = Format.human) -> None:
     if out.json:
         out.record(s)
         return
-    out.kv([(k, f"{v:,}" if isinstance(v, int) else v) for k, v in s.items() if k != "per_segment"],
-           title=f"{db} @ v{s['version']}")
+    from retrodb.neighbours import describe
+
+    out.kv([(k, f"{v:,}" if isinstance(v, int) else v) for k, v in s.items() if k not in ("per_segment", "neighbours")]
+           + [("neighbours", describe(s["neighbours"]))], title=f"{db} @ v{s['version']}")
     if s["per_segment"]:
         out.table(["segment", "documents", "chunks", "tokens", "deleted chunks", "bytes", "files"],
                   [[p["segment"], f"{p['documents']:,}", f"{p['chunks']:,}", f"{p['tokens']:,}",
@@ -60,7 +62,8 @@ def stats(db: DbArg, at: AtOpt = None, fmt: FormatOpt = Format.human) -> None:
 
 
 def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
-    """List retained snapshots: version, time, command, documents, chunks.
+    """List retained snapshots: version, time, command, documents, chunks; and the snapshots a
+    redaction purged (version, time, command only: their content is gone).
 
     [bold]Examples[/]
 
@@ -76,27 +79,39 @@ def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
             out.record(r)
         return
     out.table(["version", "created", "command", "documents", "chunks", "tokens", "segments"],
-              [[("* " if r["current"] else "") + str(r["version"]), r["created"], r["command"], f"{r['documents']:,}",
+              [[str(r["version"]), r["created"], r["command"], f"purged by redaction {r.get('purged_by') or ''}".strip(),
+                "", "", ""] if r.get("purged") else
+               [("* " if r["current"] else "") + str(r["version"]), r["created"], r["command"], f"{r['documents']:,}",
                 f"{r['chunks']:,}", f"{r['tokens']:,}", r["segments"]] for r in rows])
 
 
 def sql(
     db: DbArg,
-    query: Annotated[str, typer.Argument(help="DuckDB SQL over the views documents, chunks and segments.")],
+    query: Annotated[str, typer.Argument(help="One read-only DuckDB query (SELECT, DESCRIBE, SHOW, SUMMARIZE) over the views documents, chunks and segments.")],
     at: AtOpt = None,
     fmt: FormatOpt = Format.human,
     limit: Annotated[int, typer.Option(help="Most rows to print in human mode.")] = 100,
 ) -> None:
-    """Run DuckDB SQL over the snapshot's tables (deleted documents excluded).
+    """Run one read-only DuckDB query over the snapshot's tables (deleted documents excluded).
 
     Views: [bold]documents[/](doc_id, source, metadata, text, num_chars, num_tokens, num_chunks,
     first_chunk_id, segment), [bold]chunks[/](chunk_id, doc_id, position, char_start, char_end,
-    num_tokens, tokens, continuation_id, segment), [bold]segments[/](segment, documents, chunks).
+    num_tokens, tokens, continuation_id, segment), [bold]segments[/](segment, documents, chunks),
+    [bold]neighbours[/](chunk_id, rank, neighbour_chunk_id, score): the stored training neighbours
+    (`retrodb neighbours`), deleted chunks dropped on both sides, ranks renumbered 1..n.
+
+    What it may do: one SELECT (also DESCRIBE, SHOW, SUMMARIZE, WITH, VALUES) that reads the
+    views. What it may not: read any file but the snapshot's own (read_csv, read_blob, glob
+    fail), write any file (COPY, EXPORT), ATTACH a database, INSTALL or LOAD an extension,
+    CREATE, DROP, SET or PRAGMA anything: DuckDB runs with external access disabled and its
+    configuration locked, and every other statement is refused before it runs.
 
     [bold]Examples[/]
 
       retrodb sql my-db "SELECT count(*) AS n FROM chunks"
       retrodb sql my-db "SELECT doc_id, num_chunks FROM documents ORDER BY 2 DESC LIMIT 5" --format json
+      retrodb sql my-db "DESCRIBE documents"
+      retrodb sql my-db "SELECT * FROM neighbours WHERE rank <= 2 LIMIT 10"
     """
     import duckdb
 
@@ -106,7 +121,7 @@ def sql(
     try:
         table = retrodb.open(db, at=at).sql(query)
     except duckdb.Error as exc:
-        raise RetrodbError(f"SQL error: {exc}".splitlines()[0], hint="the views are documents, chunks, segments") from None
+        raise RetrodbError(f"SQL error: {exc}".splitlines()[0], hint="the views are documents, chunks, segments, neighbours") from None
     out = Output(fmt.value)
     if out.json:
         for row in table.to_pylist():

@@ -21,6 +21,8 @@ from . import edit as edit_commands
 from . import embed as embed_commands
 from . import index as index_commands
 from . import ingest as ingest_commands
+from . import leakage as leakage_commands
+from . import neighbours as neighbours_commands
 from . import model as model_commands
 from . import query as query_commands
 from . import redact as redact_commands
@@ -39,6 +41,8 @@ HELP = """Build, edit and query the retrieval database of a RETRO model.
   retrodb delete my-db --doc-id doc01.txt
   retrodb compact my-db && retrodb vacuum my-db --yes
   retrodb verify my-db
+  retrodb neighbours my-db                # training neighbours of every chunk (k=2)
+  retrodb leakage my-db eval.txt --dedup  # how much of an evaluation text the database holds
   retrodb eval my-db held-out.txt         # bits per byte with and without retrieval (bundled model)
   retrodb generate my-db "def parse("     # retrieves for each chunk as the text grows
 """
@@ -60,6 +64,8 @@ query_commands.register(app)
 redact_commands.register(app)
 edit_commands.register(app)
 verify_commands.register(app)
+neighbours_commands.register(app)
+leakage_commands.register(app)
 model_commands.register(app)
 
 

@@ -114,8 +114,18 @@ class Database:
         return self.snapshot.config
 
     def log(self) -> list[dict]:
-        """Every retained snapshot, oldest first."""
+        """Every retained snapshot, oldest first, and the snapshots redactions purged (version, time, command,
+        `purged`: True; no content)."""
+        from .redact import purged_versions
+
         out = []
+        seen = set(snap.retained_versions(self.root))
+        for p in purged_versions(self.root):
+            if p.get("version") not in seen:
+                seen.add(p.get("version"))
+                out.append({"version": p["version"], "created": p.get("created"), "command": p.get("command"),
+                            "purged": True, "purged_by": p.get("purged_by"), "purged_at": p.get("purged_at"),
+                            "current": False})
         for v in snap.retained_versions(self.root):
             try:
                 s = snap.read_manifest(self.root, v)
@@ -124,7 +134,7 @@ class Database:
             out.append({"version": v, "created": s.data["created"], "command": s.data["command"],
                         **{k: s.totals()[k] for k in ("documents", "chunks", "tokens")},
                         "segments": len(s.segments), "current": v == self.current_version()})
-        return out
+        return sorted(out, key=lambda r: r["version"])
 
     def current_version(self) -> int:
         return snap.current_version(self.root)
@@ -156,21 +166,19 @@ class Database:
             "chunk_size": s.chunk_size,
             "tokenizer": s.config["tokenizer"]["path"],
             "embedder": (s.config.get("embedder") or {}).get("path"),
+            "neighbours": _neighbours_status(s),
             "per_segment": per_segment,
         }
 
     def sql(self, query: str):
-        """Run DuckDB SQL over this snapshot's `documents` and `chunks` views; returns a pyarrow Table."""
+        """Run one read-only DuckDB query over this snapshot's `documents`, `chunks` and `segments` views; returns
+        a pyarrow Table. The connection reads only this snapshot's files (see `retrodb.sql`)."""
         import duckdb
 
-        from .sql import connect
+        from .sql import run_query
 
         try:
-            con = connect(self.snapshot)
-            try:
-                return con.sql(query).to_arrow_table()
-            finally:
-                con.close()
+            return run_query(self.snapshot, query)
         except duckdb.IOException:
             self.check_files_present()
             raise
@@ -188,7 +196,7 @@ class Database:
     def query(self, texts: "str | list[str] | None" = None, k: int = 4, *, ef: int = 64, exact: bool = False,
               exclude_doc: "str | list[str] | None" = None, chunk_ids: "list[int] | None" = None,
               exclude_same_doc: bool = True, vectors=None, threads: int | None = None, device: str = "auto",
-              on_warning=None) -> list:
+              on_warning=None, overlap: bool = False) -> list:
         """Nearest chunks of each query, best first: a list of `retrodb.query.QueryResult`, one per query.
 
         Give query `texts` (embedded with the database's embedder), or `chunk_ids` of chunks already in the
@@ -197,12 +205,15 @@ class Database:
         used); `exact` searches every key by brute force; `exclude_doc` leaves out those documents.
         Read-only (no lock); loaded indexes stay cached in this handle for the next query.
         `on_warning(message)` receives what was worked around (default: Python warnings).
+        `overlap` also gives each neighbour `r` and `overlap`: the longest token run it shares with the query
+        (or the chunk), and where (see `retrodb.query.with_overlap`).
         """
         from .query import searcher_for
 
         searcher = searcher_for(self, threads=threads, device=device)
         return searcher.query(texts, k, ef=ef, exact=exact, exclude_doc=exclude_doc, chunk_ids=chunk_ids,
-                              exclude_same_doc=exclude_same_doc, vectors=vectors, on_warning=on_warning)
+                              exclude_same_doc=exclude_same_doc, vectors=vectors, on_warning=on_warning,
+                              overlap=overlap)
 
     # ------------------------------------------------------------ writing
 
@@ -309,6 +320,12 @@ class Writer:
 
     def write_json(self, path: Path, obj) -> None:
         atomic_write_bytes(path, json.dumps(obj).encode())
+
+
+def _neighbours_status(snapshot: Snapshot) -> dict:
+    from .neighbours import status
+
+    return status(snapshot)
 
 
 def _tracking_job(version: int) -> str:

@@ -34,7 +34,7 @@ from .snapshot import Snapshot
 
 @dataclass
 class Finding:
-    level: str  # "error" (the snapshot is damaged) or "warning" (a harmless leftover)
+    level: str  # "error" (the snapshot is damaged), "warning" (a harmless leftover) or "info" (state worth knowing)
     check: str
     message: str
     path: str | None = None
@@ -59,6 +59,9 @@ class Verification:
 
     def warn(self, message: str, path: str | None = None) -> None:
         self.findings.append(Finding("warning", self.check, message, path))
+
+    def info(self, message: str, path: str | None = None) -> None:
+        self.findings.append(Finding("info", self.check, message, path))
 
     def readable_segments(self):
         """(name, entry) of the segments whose files passed the file check."""
@@ -360,11 +363,23 @@ def _alive(pid) -> bool:
 
 def check_pending(v: Verification) -> None:
     """A redaction that did not finish is an error: the text may still be on disk."""
+    from .redact import CHECK_FILE
+
     pending = (v.snapshot.data.get("pending") or {}).get("redaction")
+    if not pending and (v.root / CHECK_FILE).exists():
+        v.warn("leftover of a redaction interrupted before it started (it may list the strings to remove); the next "
+               "`retrodb redact` removes it", CHECK_FILE)
     if pending:
         v.error(f"redaction incomplete (started by v{pending['audit']['version_before'] + 1}, segments "
                 f"{', '.join(pending['segments'])}): removed text may still be on disk; rerun `retrodb redact "
                 f"{v.root}` (any selector) to finish it")
+
+
+def check_neighbours(v: Verification) -> None:
+    """Stored neighbours: well-formed files, no chunk a redaction removed, staleness (see retrodb/neighbours.py)."""
+    from .neighbours import verify_check
+
+    verify_check(v)
 
 
 CHECKS: list[tuple[str, Check]] = [
@@ -373,6 +388,7 @@ CHECKS: list[tuple[str, Check]] = [
     ("rows", check_rows),
     ("chunk_ids", check_chunk_ids),
     ("tombstones", check_tombstones),
+    ("neighbours", check_neighbours),
     ("retained", check_retained),
     ("leftovers", check_leftovers),
 ]
