@@ -106,3 +106,33 @@ def test_fake_items_follow_the_data_contract():
     assert item["neighbours"].shape == (C, k, r) and item["neighbour_mask"].dtype == torch.bool
     assert item["chunk_ids"].shape == (C,) and item["neighbour_ids"].shape == (C, k)
     assert not math.isnan(float(item["neighbours"].float().mean()))
+
+
+def test_cli_train_on_a_real_database_killed_then_resumed(tmp_path, cli):
+    """`retrodb train` on stored neighbours (retrodb.data), kill -9 mid-checkpoint, --resume, then eval with it."""
+    from conftest import run_retrodb
+    from edit_helpers import build_db
+
+    from retrodb.neighbours import compute_neighbours
+
+    db = build_db(tmp_path / "db", n_docs=16, segment_bytes=4000, index=True)
+    compute_neighbours(db, 2)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"model": {"dim": 32, "n_layers": 2, "n_heads": 2, "head_dim": 16, "enc_dim": 16,
+                                            "enc_heads": 1, "ffn_mult": 2},
+                                  "train": {"seq_len": 128, "batch_size": 2, "steps": 4, "warmup_steps": 1,
+                                            "eval_every": 2, "eval_sequences": 2, "checkpoint_every": 1,
+                                            "log_every": 1, "dtype": "fp32", "val_fraction": 0.2}}))
+    out = tmp_path / "run"
+    killed = run_retrodb("train", db, "--out", out, "--config", config, "--format", "json",
+                         env={"RETRODB_KILL_AT": "train:checkpoint-written#3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert (out / "LATEST").read_text() == "step-00000002"
+    r = cli("train", db, "--out", out, "--resume", "--format", "json")
+    assert r.code == 0, r.err
+    done = r.json_lines()[-1]
+    assert done["done"] and done["step"] == 4 and done["val_bpb"] > 0 and done["val_bpb_no_retrieval"] > 0
+    (tmp_path / "t.txt").write_text("retrieval database chunk neighbour encoder attention " * 20)
+    r = cli("eval", db, tmp_path / "t.txt", "--model", out, "--format", "json")
+    assert r.code == 0, r.err
+    assert r.json_lines()[0]["bpb"] > 0

@@ -16,3 +16,11 @@ from __future__ import annotations
 from pathlib import Path
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"  # config.json, tokenizer.json, model-*.safetensors
+
+
+def load(path: str | Path | None = None, device: str = "auto"):
+    """The model in `path` (a model directory, or a `retrodb train` output: its latest checkpoint), or the
+    bundled one; a `retrodb.model.lm.RetroLM` with `.bpb(db, texts)` and `.generate(db, prompt)`. Offline."""
+    from .lm import load as load_model
+
+    return load_model(path, device)

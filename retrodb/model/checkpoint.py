@@ -76,6 +76,7 @@ def write_model_dir(model: Retro, directory: Path, tokenizer_json: str, *, dtype
     if extra is not None:
         (directory / "training.json").write_text(json.dumps(extra, indent=2, sort_keys=True))
     for f in directory.iterdir():
+        os.chmod(f, 0o644)  # safetensors writes 0600; a model directory is meant to be shared (package data)
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     return directory

@@ -28,9 +28,9 @@ from .train import TrainConfig
 # 7.8M parameters (31 MB in fp32): what a few hours of a shared 2-core CPU can train.
 BUNDLED_MODEL = RetroConfig(vocab_size=8192, chunk_size=64, dim=256, n_layers=6, n_heads=4, head_dim=64, ffn_mult=4,
                             cca_layers=None, enc_dim=128, enc_layers=2, enc_heads=2)
-# What one session of a shared 2-core CPU could train (about an hour, niced): 450 steps of 8 x 512 tokens.
+# What one session of a shared 2-core CPU could train (about an hour, niced): 700 steps of 8 x 512 tokens.
 # Continue it with: retrodb train model-work/db --out model-work/run --resume --steps N (docs/model.md).
-BUNDLED_TRAIN = TrainConfig(seq_len=512, k=2, batch_size=8, steps=450, lr=2e-3, min_lr_ratio=0.1,
+BUNDLED_TRAIN = TrainConfig(seq_len=512, k=2, batch_size=8, steps=700, lr=2e-3, min_lr_ratio=0.1,
                             warmup_steps=30, weight_decay=0.1, grad_clip=1.0, eval_every=120, eval_sequences=32,
                             checkpoint_every=20, log_every=5, seed=0, val_fraction=0.02)
 VOCAB_SIZE = 8192
