@@ -23,6 +23,7 @@ from . import index as index_commands
 from . import ingest as ingest_commands
 from . import query as query_commands
 from . import redact as redact_commands
+from . import serve as serve_commands
 from . import verify as verify_commands
 
 HELP = """Build, edit and query the retrieval database of a RETRO model.
@@ -38,6 +39,7 @@ HELP = """Build, edit and query the retrieval database of a RETRO model.
   retrodb delete my-db --doc-id doc01.txt
   retrodb compact my-db && retrodb vacuum my-db --yes
   retrodb verify my-db
+  retrodb serve my-db                     # neighbour debugger at http://127.0.0.1:8750/
 """
 
 app = typer.Typer(
@@ -57,6 +59,7 @@ query_commands.register(app)
 redact_commands.register(app)
 edit_commands.register(app)
 verify_commands.register(app)
+serve_commands.register(app)
 
 
 def run(argv: list[str]) -> int:
