@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -31,3 +32,14 @@ SourcesArg = Annotated[List[str], typer.Argument(help="Files or folders (recursi
 DeviceOpt = Annotated[str, typer.Option(help="Embedding device: auto (CUDA if present), cpu, cuda or mps.")]
 BatchSizeOpt = Annotated[Optional[int], typer.Option(help="Chunks per embedding forward pass (default: 32 on CPU, 512 on CUDA/MPS).", min=1)]
 SegmentMbOpt = Annotated[float, typer.Option(help="Input megabytes per segment (the unit of parallelism and retry).", min=0.001)]
+
+
+@contextmanager
+def usage_errors():
+    """Report a library `BadOption` (a value that cannot work) as a usage error: exit 2, naming the option."""
+    from retrodb.errors import BadOption
+
+    try:
+        yield
+    except BadOption as exc:
+        raise typer.BadParameter(exc.reason + (f"; {exc.hint}" if exc.hint else ""), param_hint=exc.option) from None

@@ -60,7 +60,8 @@ def stats(db: DbArg, at: AtOpt = None, fmt: FormatOpt = Format.human) -> None:
 
 
 def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
-    """List retained snapshots: version, time, command, documents, chunks.
+    """List retained snapshots: version, time, command, documents, chunks; and the snapshots a
+    redaction purged (version, time, command only: their content is gone).
 
     [bold]Examples[/]
 
@@ -76,27 +77,36 @@ def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
             out.record(r)
         return
     out.table(["version", "created", "command", "documents", "chunks", "tokens", "segments"],
-              [[("* " if r["current"] else "") + str(r["version"]), r["created"], r["command"], f"{r['documents']:,}",
+              [[str(r["version"]), r["created"], r["command"], f"purged by redaction {r.get('purged_by') or ''}".strip(),
+                "", "", ""] if r.get("purged") else
+               [("* " if r["current"] else "") + str(r["version"]), r["created"], r["command"], f"{r['documents']:,}",
                 f"{r['chunks']:,}", f"{r['tokens']:,}", r["segments"]] for r in rows])
 
 
 def sql(
     db: DbArg,
-    query: Annotated[str, typer.Argument(help="DuckDB SQL over the views documents, chunks and segments.")],
+    query: Annotated[str, typer.Argument(help="One read-only DuckDB query (SELECT, DESCRIBE, SHOW, SUMMARIZE) over the views documents, chunks and segments.")],
     at: AtOpt = None,
     fmt: FormatOpt = Format.human,
     limit: Annotated[int, typer.Option(help="Most rows to print in human mode.")] = 100,
 ) -> None:
-    """Run DuckDB SQL over the snapshot's tables (deleted documents excluded).
+    """Run one read-only DuckDB query over the snapshot's tables (deleted documents excluded).
 
     Views: [bold]documents[/](doc_id, source, metadata, text, num_chars, num_tokens, num_chunks,
     first_chunk_id, segment), [bold]chunks[/](chunk_id, doc_id, position, char_start, char_end,
     num_tokens, tokens, continuation_id, segment), [bold]segments[/](segment, documents, chunks).
 
+    What it may do: one SELECT (also DESCRIBE, SHOW, SUMMARIZE, WITH, VALUES) that reads the
+    views. What it may not: read any file but the snapshot's own (read_csv, read_blob, glob
+    fail), write any file (COPY, EXPORT), ATTACH a database, INSTALL or LOAD an extension,
+    CREATE, DROP, SET or PRAGMA anything: DuckDB runs with external access disabled and its
+    configuration locked, and every other statement is refused before it runs.
+
     [bold]Examples[/]
 
       retrodb sql my-db "SELECT count(*) AS n FROM chunks"
       retrodb sql my-db "SELECT doc_id, num_chunks FROM documents ORDER BY 2 DESC LIMIT 5" --format json
+      retrodb sql my-db "DESCRIBE documents"
     """
     import duckdb
 

@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
+from rich.markup import escape
+from rich.text import Text
 
 from ._options import (BatchSizeOpt, DbArg, DeviceOpt, DryRunOpt, Format, FormatOpt, FormatsOpt, IdFieldOpt,
-                       OnErrorOpt, SegmentMbOpt, SourcesArg, TextFieldOpt, WaitOpt, WorkersOpt, YesOpt)
+                       OnErrorOpt, SegmentMbOpt, SourcesArg, TextFieldOpt, WaitOpt, WorkersOpt, YesOpt, usage_errors)
 from ._output import Output, confirm
 
 
@@ -75,7 +77,7 @@ def delete(
     db: DbArg,
     doc_id: Annotated[Optional[List[str]], typer.Option("--doc-id", help="Document id to delete (repeatable).")] = None,
     ids_file: Annotated[Optional[Path], typer.Option("--ids-file", help="File of document ids, one per line (- for stdin).")] = None,
-    where: Annotated[Optional[str], typer.Option("--where", help="SQL condition over documents(doc_id, source, metadata, text, num_chars, num_tokens, num_chunks, first_chunk_id, segment).")] = None,
+    where: Annotated[Optional[str], typer.Option("--where", help="ONE boolean SQL expression over documents(doc_id, source, metadata, text, num_chars, num_tokens, num_chunks, first_chunk_id, segment); parsed as an expression, never pasted into a statement, and evaluated without file access.")] = None,
     dry_run: DryRunOpt = False,
     yes: YesOpt = False,
     wait: WaitOpt = 0,
@@ -103,7 +105,8 @@ def delete(
         raise RetrodbError("say what to delete: --doc-id ID (repeatable) and/or --ids-file FILE, or --where SQL")
     ids = list(doc_id or []) + (read_ids_file(ids_file) if ids_file else []) if by_id else None
     out = Output(fmt.value)
-    plan = plan_delete(Database(db).snapshot, doc_ids=ids, where=where)
+    with usage_errors():
+        plan = plan_delete(Database(db).snapshot, doc_ids=ids, where=where)
     if not out.json or dry_run:
         _show_delete_plan(out, db, plan, dry_run)
     if dry_run:
@@ -127,8 +130,9 @@ def _show_delete_plan(out: Output, db: Path, plan, dry_run: bool) -> None:
     if plan.documents:
         _delete_table(out, db, plan)
     if plan.unknown:
-        out.warn(f"{len(plan.unknown):,} id(s) match no document: "
-                 + ", ".join(plan.unknown[:10]) + (" ..." if len(plan.unknown) > 10 else ""))
+        out.err.print(Text.assemble(("warning: ", "yellow"), f"{len(plan.unknown):,} id(s) match no document: "
+                                    + ", ".join(repr(d) for d in plan.unknown[:10])
+                                    + (" ..." if len(plan.unknown) > 10 else "")))
     if plan.already_deleted:
         out.say(f"{len(plan.already_deleted):,} id(s) already deleted by an earlier commit")
     if dry_run:
@@ -138,10 +142,11 @@ def _show_delete_plan(out: Output, db: Path, plan, dry_run: bool) -> None:
 def _delete_table(out: Output, db: Path, plan) -> None:
     out.table(["segment", "documents", "chunks", "tokens"],
               [[s, f"{c['documents']:,}", f"{c['chunks']:,}", f"{c['tokens']:,}"] for s, c in plan.per_segment().items()],
-              title=f"delete from {db} @ v{plan.version}: {len(plan.documents):,} documents, {plan.chunks:,} chunks, "
-                    f"{plan.tokens:,} tokens")
-    shown = [d["doc_id"] for d in plan.documents[:10]]
-    out.say("documents: " + ", ".join(shown) + (f" ... (+{len(plan.documents) - 10:,})" if len(plan.documents) > 10 else ""))
+              title=f"delete from {escape(str(db))} @ v{plan.version}: {len(plan.documents):,} documents, "
+                    f"{plan.chunks:,} chunks, {plan.tokens:,} tokens")
+    shown = [repr(d["doc_id"]) for d in plan.documents[:10]]  # data: a Text, never markup or emoji codes
+    out.say(Text("documents: " + ", ".join(shown)
+                 + (f" ... (+{len(plan.documents) - 10:,})" if len(plan.documents) > 10 else "")))
 
 
 def compact(

@@ -114,8 +114,18 @@ class Database:
         return self.snapshot.config
 
     def log(self) -> list[dict]:
-        """Every retained snapshot, oldest first."""
+        """Every retained snapshot, oldest first, and the snapshots redactions purged (version, time, command,
+        `purged`: True; no content)."""
+        from .redact import purged_versions
+
         out = []
+        seen = set(snap.retained_versions(self.root))
+        for p in purged_versions(self.root):
+            if p.get("version") not in seen:
+                seen.add(p.get("version"))
+                out.append({"version": p["version"], "created": p.get("created"), "command": p.get("command"),
+                            "purged": True, "purged_by": p.get("purged_by"), "purged_at": p.get("purged_at"),
+                            "current": False})
         for v in snap.retained_versions(self.root):
             try:
                 s = snap.read_manifest(self.root, v)
@@ -124,7 +134,7 @@ class Database:
             out.append({"version": v, "created": s.data["created"], "command": s.data["command"],
                         **{k: s.totals()[k] for k in ("documents", "chunks", "tokens")},
                         "segments": len(s.segments), "current": v == self.current_version()})
-        return out
+        return sorted(out, key=lambda r: r["version"])
 
     def current_version(self) -> int:
         return snap.current_version(self.root)
@@ -160,17 +170,14 @@ class Database:
         }
 
     def sql(self, query: str):
-        """Run DuckDB SQL over this snapshot's `documents` and `chunks` views; returns a pyarrow Table."""
+        """Run one read-only DuckDB query over this snapshot's `documents`, `chunks` and `segments` views; returns
+        a pyarrow Table. The connection reads only this snapshot's files (see `retrodb.sql`)."""
         import duckdb
 
-        from .sql import connect
+        from .sql import run_query
 
         try:
-            con = connect(self.snapshot)
-            try:
-                return con.sql(query).to_arrow_table()
-            finally:
-                con.close()
+            return run_query(self.snapshot, query)
         except duckdb.IOException:
             self.check_files_present()
             raise

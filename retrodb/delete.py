@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import tombstones
 from .database import Database
-from .errors import RetrodbError
+from .errors import BadOption, RetrodbError
 from .snapshot import Snapshot
 
 PLAN_COLUMNS = "segment, doc_id, first_chunk_id, num_chunks, num_tokens"
@@ -67,6 +67,7 @@ class DeleteReport:
     segments: list[str]
     unknown: list[str]
     seconds: float
+    doc_ids: list[str] = field(default_factory=list)  # the documents this commit deleted
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -75,27 +76,39 @@ class DeleteReport:
         return d
 
 
+def read_lines(path: str | Path, *, strip: bool) -> list[str]:
+    """One value per line of a UTF-8 file (`-`: stdin): a byte-order mark and line ends removed, blank lines
+    skipped, and with `strip` surrounding spaces too (ids); without, a line is kept as it is (literals)."""
+    try:
+        if str(path) == "-":
+            text = sys.stdin.read().removeprefix("\ufeff")
+        else:
+            text = Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise RetrodbError(f"{path} does not exist") from None
+    except OSError as exc:
+        raise RetrodbError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RetrodbError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    lines = text.split("\n")
+    return [line.strip() if strip else line.removesuffix("\r") for line in lines if line.strip()]
+
+
 def read_ids_file(path: str | Path) -> list[str]:
     """Document ids, one per line (blank lines ignored); `-` reads stdin."""
-    try:
-        text = sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RetrodbError(f"ids file {path} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise RetrodbError(f"ids file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return read_lines(path, strip=True)
 
 
 def plan_delete(snapshot: Snapshot, doc_ids: list[str] | None = None, where: str | None = None) -> DeletePlan:
-    """Resolve the documents to delete: by id (`doc_ids`) or by a SQL condition over `documents` (`where`)."""
-    import duckdb
+    """Resolve the documents to delete: by id (`doc_ids`) or by one boolean SQL expression over `documents`
+    (`where`, see `_where_rows`)."""
     import pyarrow as pa
 
-    from .sql import connect
+    from .sql import connect_readonly
 
     if (doc_ids is None) == (where is None):
         raise RetrodbError("say what to delete: --doc-id/--ids-file, or --where (not both)")
-    con = connect(snapshot)
+    con = connect_readonly(snapshot)
     try:
         if doc_ids is not None:
             wanted = list(dict.fromkeys(doc_ids))
@@ -115,18 +128,36 @@ def plan_delete(snapshot: Snapshot, doc_ids: list[str] | None = None, where: str
                                    f"none of the {len(wanted)} document id(s) is in the database: {shown}",
                                    hint="ids are exact; list some with: retrodb sql DB \"SELECT doc_id FROM documents LIMIT 10\"")
             return DeletePlan(snapshot.version, rows, unknown, [d for d in wanted if d in gone], requested=len(wanted))
-        try:
-            rows = con.sql(f"SELECT {PLAN_COLUMNS} FROM documents WHERE ({where}) "
-                               "ORDER BY segment, first_chunk_id").to_arrow_table().to_pylist()
-        except duckdb.Error as exc:
-            raise RetrodbError(f"--where: {str(exc).splitlines()[0]}",
-                               hint="a SQL condition over documents(doc_id, source, metadata, text, num_chars, "
-                                    "num_tokens, num_chunks, first_chunk_id, segment)") from None
+        rows = _where_rows(con, where)
         if not rows:
             raise RetrodbError(f"no document matches --where {where!r}; nothing to delete")
         return DeletePlan(snapshot.version, rows)
     finally:
         con.close()
+
+
+WHERE_HINT = ("one boolean SQL expression over documents(doc_id, source, metadata, text, num_chars, num_tokens, "
+              "num_chunks, first_chunk_id, segment), e.g. \"source LIKE '%spam%' AND num_tokens < 20\"")
+
+
+def _where_rows(con, where: str) -> list[dict]:
+    """The documents `where` selects. `where` is parsed by DuckDB as ONE expression and bound as the filter of
+    the `documents` relation (never pasted into a statement), on a locked-down connection: a second statement,
+    a UNION or a file read cannot get in."""
+    import duckdb
+
+    if not where.strip():
+        raise BadOption("--where", "empty condition", hint=WHERE_HINT)
+    docs = con.table("documents")
+    try:
+        types = docs.project(where).types
+        if len(types) != 1 or str(types[0]) != "BOOLEAN":
+            raise BadOption("--where", f"must be one boolean expression, not {len(types)} value(s) of type "
+                            f"{', '.join(map(str, types))}", hint=WHERE_HINT)
+        rel = docs.filter(where).project(PLAN_COLUMNS).order("segment, first_chunk_id")
+        return rel.to_arrow_table().to_pylist()
+    except duckdb.Error as exc:
+        raise BadOption("--where", str(exc).splitlines()[0], hint=WHERE_HINT) from None
 
 
 def delete(root: str | Path, doc_ids: list[str] | None = None, where: str | None = None, *,
@@ -138,7 +169,7 @@ def delete(root: str | Path, doc_ids: list[str] | None = None, where: str | None
         plan = plan_delete(db.snapshot, doc_ids, where)
     with db.writer("delete", wait=wait) as w:
         if not plan.documents:  # every id already deleted (e.g. a rerun): nothing to commit
-            return DeleteReport(w.base.version, 0, 0, 0, [], plan.unknown, time.perf_counter() - started)
+            return DeleteReport(w.base.version, 0, 0, 0, [], plan.unknown, time.perf_counter() - started, [])
         if w.base.version != plan.version:  # someone committed since the plan: re-resolve, and refuse surprises
             ids = [d["doc_id"] for d in plan.documents]
             fresh = plan_delete(w.base, doc_ids=ids)
@@ -150,4 +181,5 @@ def delete(root: str | Path, doc_ids: list[str] | None = None, where: str | None
         totals = tombstones.add(w, data, plan.documents)
         version = w.commit(data).version
     return DeleteReport(version, totals["documents"], totals["chunks"], totals["tokens"],
-                        sorted({d["segment"] for d in plan.documents}), plan.unknown, time.perf_counter() - started)
+                        sorted({d["segment"] for d in plan.documents}), plan.unknown, time.perf_counter() - started,
+                        [d["doc_id"] for d in plan.documents])

@@ -60,3 +60,13 @@ def require(module: str, extra: str):
             f"this needs the optional package '{module}', which is not installed",
             hint=f"pip install 'retrodb[{extra}]'",
         ) from exc
+
+
+class BadOption(RetrodbError):
+    """A command-line value that cannot work (an RE2-invalid --regex, a --where that is not one boolean
+    expression): the CLI reports it as a usage error (exit 2) naming `option`."""
+
+    def __init__(self, option: str, message: str, hint: str | None = None):
+        super().__init__(f"{option}: {message}", hint)
+        self.option = option
+        self.reason = message

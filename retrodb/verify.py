@@ -360,7 +360,12 @@ def _alive(pid) -> bool:
 
 def check_pending(v: Verification) -> None:
     """A redaction that did not finish is an error: the text may still be on disk."""
+    from .redact import CHECK_FILE
+
     pending = (v.snapshot.data.get("pending") or {}).get("redaction")
+    if not pending and (v.root / CHECK_FILE).exists():
+        v.warn("leftover of a redaction interrupted before it started (it may list the strings to remove); the next "
+               "`retrodb redact` removes it", CHECK_FILE)
     if pending:
         v.error(f"redaction incomplete (started by v{pending['audit']['version_before'] + 1}, segments "
                 f"{', '.join(pending['segments'])}): removed text may still be on disk; rerun `retrodb redact "

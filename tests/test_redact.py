@@ -66,7 +66,7 @@ def test_drop_mode_removes_documents_from_every_file(tmp_path, selector, removed
     root = build(tmp_path / "db")
     before_ids, before_keys = chunk_ids_by_doc(root), keys_by_chunk(root)
     assert scan_absent(root, [secret])  # planted: the scanner does see it before
-    report = redact(root, build_selectors(**selector))
+    report = redact(root, build_selectors(**selector), mode="drop")
     assert report.plan["documents"] == len(removed)
     after = chunk_ids_by_doc(root)
     assert set(before_ids) - set(after) == removed
@@ -122,7 +122,7 @@ def test_old_snapshots_and_tombstoned_copies_are_purged(tmp_path):
     compact(root, min_deleted_ratio=0.0)  # old segments now only referenced by older snapshots
     assert scan_absent(root, [PHRASE])
     v_before = retrodb.open(root).version
-    report = redact(root, build_selectors(literals=[PHRASE]))
+    report = redact(root, build_selectors(literals=[PHRASE]), mode="drop")
     assert report.plan["documents"] == 2 and report.purged_snapshots
     assert_absent(root, PHRASE, keys=True)
     assert retrodb.open(root).sql("SELECT count(*) FROM documents WHERE doc_id = 'd15'").column(0)[0].as_py() == 1
@@ -161,20 +161,20 @@ def test_errors(tmp_path, cli):
     assert "nothing selected" in cli("redact", root, "--yes").err
     assert "unknown PII detector" in cli("redact", root, "--pii", "ssn", "--yes").err
     assert "mask needs text selectors" in cli("redact", root, "--doc-id", "d1", "--mode", "mask", "--yes").err
-    assert "not a valid regular expression" in cli("redact", root, "--regex", "(", "--yes").err
+    assert "not a valid RE2 regular expression" in cli("redact", root, "--regex", "(", "--yes").err
 
 
 @pytest.mark.parametrize("kill_at", ["redact.started", "compact.chunks_written", "redact.compacted",
                                      "redact.snapshots_purged", "redact.files_purged", "commit.before_current#3"])
 def test_kill9_mid_redaction_then_rerun_finishes(tmp_path, kill_at):
     root = build(tmp_path / "db")
-    proc = run_retrodb("redact", root, "--literal", PHRASE, "--yes", env={"RETRODB_KILL_AT": kill_at})
+    proc = run_retrodb("redact", root, "--literal", PHRASE, "--mode", "drop", "--yes", env={"RETRODB_KILL_AT": kill_at})
     assert proc.returncode == -9
     report = verify(root)
     if kill_at != "commit.before_current#3":  # before the first commit nothing happened yet
         assert not report.ok and any("redaction incomplete" in f.message for f in report.errors)
     assert PHRASE not in " ".join(str(f.to_dict()) for f in report.findings)
-    proc = run_retrodb("redact", root, "--literal", PHRASE, "--yes", "--format", "json")
+    proc = run_retrodb("redact", root, "--literal", PHRASE, "--mode", "drop", "--yes", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     assert verify(root).ok
     assert_absent(root, PHRASE, keys=True)
@@ -199,3 +199,225 @@ def test_file_selectors_ignore_case_and_absent_file(tmp_path, cli):
     ok = cli("verify", root, "--absent-file", absent, "--format", "json")
     assert ok.code == 0 and ok.json_lines()[0]["ok"], ok.out
     assert cli("verify", root, "--absent", EMAIL).code == 1  # d3 was not selected: still there
+
+
+# ---------------------------------------------------------------- issue 9: every column, every resume, one engine
+
+ADDR = "jane@example.org"
+
+
+def build_columns(root, extra=()):
+    """Matches in text, metadata, the id and the source of documents (no keys: fast)."""
+    from retrodb.ingest import IngestOptions, ingest
+
+    src = root.parent / f"from-{ADDR}.jsonl"
+    rows = [{"id": "doc-a", "text": f"Please email {ADDR} today. " + make_text(1, 30), "author": ADDR},
+            {"id": ADDR, "text": "A document whose id is an address. " + make_text(2, 30)},
+            *({"id": f"p{i}", "text": make_text(10 + i, 30), "lang": "en"} for i in range(6)), *extra]
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    ingest(root, [str(src)], IngestOptions(workers=1))
+    return root
+
+
+def test_mask_covers_metadata_id_and_source(tmp_path, cli):
+    from retrodb.redact import audit_key, audit_salt, redacted_id
+
+    root = build_columns(tmp_path / "db")
+    plan = cli("redact", root, "--pii", "email", "--dry-run", "--format", "json").json_lines()[0]
+    assert plan["mode"] == "mask" and plan["documents"] == 8  # every document's source names the file
+    assert plan["columns"] == {"text": 1, "metadata": 1, "doc_id": 1, "source": 8}
+    assert plan["cost"]["mask"]["ids_replaced_by_salted_hash"] == 1 and plan["cost"]["drop"]["documents_removed"] == 8
+    r = cli("redact", root, "--pii", "email", "--yes", "--format", "json")
+    assert r.code == 0, r.err
+    report = r.json_lines()[0]
+    assert report["plan"]["mode"] == "mask" and report["checked_needles"] >= 2
+    assert cli("verify", root, "--absent", ADDR).code == 0
+    assert verify(root).ok
+    db = retrodb.open(root)
+    rows = {r["doc_id"]: r for r in db.sql("SELECT doc_id, text, metadata, source FROM documents").to_pylist()}
+    assert len(rows) == 8 and ADDR not in rows
+    new_id = redacted_id(audit_key(audit_salt(root)), ADDR)
+    assert new_id in rows and rows[new_id]["text"].startswith("A document whose id is an address.")
+    assert json.loads(rows["doc-a"]["metadata"]) == {"author": "[REDACTED]"}
+    assert "Please email [REDACTED] today." in rows["doc-a"]["text"]
+    assert all("[REDACTED]" in r["source"] and ADDR not in r["source"] for r in rows.values())
+
+
+def test_drop_removes_documents_matched_in_any_column(tmp_path):
+    root = build_columns(tmp_path / "db")
+    report = redact(root, build_selectors(literals=[ADDR + ".jsonl"]), mode="drop")  # only in sources
+    assert report.plan["documents"] == 8 and report.plan["columns"]["source"] == 8
+    assert retrodb.open(root).stats()["documents"] == 0
+
+
+def test_metadata_match_that_cuts_json_removes_the_metadata(tmp_path):
+    root = build_columns(tmp_path / "db")
+    redact(root, build_selectors(literals=['"lang": "en'], regexes=[r'[{]"author']))
+    metas = [r["metadata"] for r in retrodb.open(root).sql("SELECT metadata FROM documents").to_pylist()]
+    assert all(m is None or '"lang": "en' not in m for m in metas)
+    assert all(m is None or json.loads(m) is not None for m in metas)
+    assert verify(root).ok
+
+
+@pytest.mark.parametrize("kill_at", ["redact.started", "redact.compacted", "redact.files_purged", "redact.checked",
+                                     "redact.audited"])
+def test_resumed_redaction_checks_reports_its_mode_and_audits_once(tmp_path, kill_at):
+    root = build_columns(tmp_path / "db")
+    proc = run_retrodb("redact", root, "--pii", "email", "--yes", env={"RETRODB_KILL_AT": kill_at})
+    assert proc.returncode == -9
+    assert any("redaction incomplete" in f.message for f in verify(root).errors)
+    proc = run_retrodb("redact", root, "--yes", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.decode().splitlines()[-1])
+    assert report["resumed"] and report["plan"]["mode"] == "mask" and report["plan"]["documents"] == 8
+    if kill_at not in ("redact.checked", "redact.audited"):  # those runs had checked before the kill
+        assert report["checked_needles"] >= 2
+    assert verify(root).ok and cli_absent_ok(root)
+    audit = [json.loads(x) for x in (root / "audit.jsonl").read_text().splitlines()]
+    assert len(audit) == 1 and audit[0]["mode"] == "mask"
+    assert not (root / "redact-check.json").exists()
+
+
+def cli_absent_ok(root):
+    return verify(root, extra=[("absent", __import__("retrodb.redact", fromlist=["absent_check"])
+                                .absent_check([ADDR]))]).ok
+
+
+def test_pending_redaction_never_closes_while_the_text_is_on_disk(tmp_path):
+    root = build_columns(tmp_path / "db")
+    proc = run_retrodb("redact", root, "--pii", "email", "--yes", env={"RETRODB_KILL_AT": "redact.started"})
+    assert proc.returncode == -9
+    (root / "notes.txt").write_text(f"someone wrote {ADDR} here")  # a copy the redaction must notice
+    proc = run_retrodb("redact", root, "--yes")
+    assert proc.returncode == 1 and b"redaction check failed" in proc.stderr
+    assert any("redaction incomplete" in f.message for f in verify(root).errors)
+    assert not (root / "audit.jsonl").exists()
+    (root / "notes.txt").unlink()
+    proc = run_retrodb("redact", root, "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert b"(mask)" in proc.stdout and verify(root).ok
+
+
+def test_pending_redaction_without_its_check_file_is_refused(tmp_path):
+    root = build_columns(tmp_path / "db")
+    run_retrodb("redact", root, "--pii", "email", "--yes", env={"RETRODB_KILL_AT": "redact.started"})
+    (root / "redact-check.json").unlink()
+    with pytest.raises(RetrodbError, match="cannot be finished"):
+        redact(root, [])
+    assert not verify(root).ok
+
+
+def test_regex_is_re2_in_selection_and_spans(tmp_path, cli):
+    extra = [{"id": "u1", "text": "Herr Müller hat secret42 gesagt."}, {"id": "u2", "text": "MÜLLER und ΣΑΣ"}]
+    root = build_columns(tmp_path / "db", extra)
+    plan = cli("redact", root, "--regex", "secret[[:digit:]]+", "--dry-run", "--format", "json").json_lines()[0]
+    assert plan["documents"] == 1  # POSIX classes: the old Python `re` spans said "nothing matches"
+    assert cli("redact", root, "--regex", r"M\wller", "--dry-run", "-f", "json").json_lines()[0]["documents"] == 0
+    assert cli("redact", root, r"--regex", r"M\pLller", "--dry-run", "-f", "json").json_lines()[0]["documents"] == 1
+    plan = cli("redact", root, "--regex", "müller|σας", "--ignore-case", "--dry-run", "-f", "json").json_lines()[0]
+    assert plan["documents"] == 2
+    redact(root, build_selectors(regexes=[r"M\pLller", "secret[[:digit:]]+"]))
+    text = retrodb.open(root).sql("SELECT text FROM documents WHERE doc_id = 'u1'").column(0)[0].as_py()
+    assert text == "Herr [REDACTED] hat [REDACTED] gesagt."
+
+
+@pytest.mark.parametrize("pattern,says", [(r"(a)\1", "invalid escape sequence"), (r"(?<=a)b", "invalid perl operator"),
+                                          ("(", "missing )"), ("x*", "matches the empty string"),
+                                          (r"\C", "single byte")])
+def test_regex_re2_rejects_is_a_usage_error(tmp_path, cli, pattern, says):
+    root = build_columns(tmp_path / "db")
+    r = cli("redact", root, "--regex", pattern, "--dry-run")
+    assert r.code == 2 and says in r.err and "--regex" in r.err and "internal error" not in r.err, r.err
+
+
+def test_help_says_regex_is_re2_and_the_default_mode(cli):
+    out = " ".join(cli("redact", "--help").out.replace("│", " ").split())
+    assert "RE2 regular expression" in out and "ASCII-only" in out and "mask for text selectors" in out
+
+
+def test_catastrophic_regex_on_a_1mb_document(tmp_path):
+    import time
+
+    # DuckDB selects the document (it has "ab" at the end); a backtracking engine then spends forever on the run
+    root = build_columns(tmp_path / "db", [{"id": "big", "text": "a" * (1 << 20) + "c, then ab"}])
+    started = time.perf_counter()
+    plan = redact(root, build_selectors(regexes=["(a+)+b"]), dry_run=True).plan
+    assert plan["documents"] >= 1 and plan["columns"]["text"] >= 1
+    assert time.perf_counter() - started < 30
+
+
+def test_from_file_bom_and_thousands_of_lines(tmp_path):
+    import time
+
+    root = build_columns(tmp_path / "db")
+    lines = [f"not in the corpus {i}" for i in range(3000)]
+    f = tmp_path / "literals.txt"
+    f.write_bytes(("\ufeff" + ADDR + "\r\n" + "\n".join(lines) + "\n").encode("utf-8"))
+    sel = build_selectors(from_file=f)
+    assert sel[0].value == ADDR and len(sel) == 3001
+    started = time.perf_counter()
+    report = redact(root, sel)
+    assert report.plan["documents"] == 8  # the first line matches despite the BOM
+    assert time.perf_counter() - started < 60  # one key derivation, not 3001 (which took minutes)
+    audit = json.loads((root / "audit.jsonl").read_text())
+    assert len(audit["selectors"]) == 3001 and ADDR not in json.dumps(audit)
+
+
+def test_default_mode_and_doc_ids_imply_drop(tmp_path, cli):
+    root = build_columns(tmp_path / "db")
+    assert cli("redact", root, "--doc-id", "p1", "--dry-run", "-f", "json").json_lines()[0]["mode"] == "drop"
+    plan = cli("redact", root, "--doc-id", "p1", "--pii", "email", "--dry-run", "-f", "json").json_lines()[0]
+    assert plan["mode"] == "drop" and plan["cost"]["mask"] is None
+    human = cli("redact", root, "--pii", "email", "--dry-run")
+    assert "drop would" in human.out and "mask would" in human.out and ADDR not in human.out
+
+
+def test_log_shows_purged_versions(tmp_path, cli):
+    from retrodb.delete import delete
+
+    root = build_columns(tmp_path / "db")
+    delete(root, ["p1"])
+    redact(root, build_selectors(pii=["email"]))
+    rows = cli("log", root, "--format", "json").json_lines()
+    purged = [r for r in rows if r.get("purged")]
+    assert {r["version"]: r["command"] for r in purged} == {1: "ingest", 2: "delete", 3: "redact"}
+    assert all(r["created"] for r in purged)
+    human = cli("log", root)
+    assert "purged" in human.out
+
+
+def test_mask_token_that_matches_the_selectors_is_refused(tmp_path, cli):
+    root = build_columns(tmp_path / "db")
+    r = cli("redact", root, "--literal", "RED", "--yes")
+    assert r.code == 2 and "--mask-token" in r.err
+    assert cli("redact", root, "--literal", "red", "--ignore-case", "--mask-token", "[gone]", "--dry-run").code == 0
+
+
+def test_literal_with_quotes_in_metadata_is_found_in_its_json_form(tmp_path, cli):
+    secret = 'Jane "JD" Doe\\x'
+    root = build_columns(tmp_path / "db", [{"id": "q", "text": "plain text here", "note": f"from {secret}, ok"}])
+    assert cli("verify", root, "--absent", secret).code == 1  # stored as Jane \"JD\" Doe\\x in the JSON text
+    report = redact(root, build_selectors(literals=[secret]))
+    assert report.plan["documents"] == 1 and report.plan["columns"]["metadata"] == 1
+    meta = retrodb.open(root).sql("SELECT metadata FROM documents WHERE doc_id = 'q'").column(0)[0].as_py()
+    assert json.loads(meta) == {"note": "from [REDACTED], ok"}
+    assert cli("verify", root, "--absent", secret).code == 0
+
+
+def test_check_file_of_a_redaction_killed_before_its_first_commit(tmp_path):
+    root = build_columns(tmp_path / "db")
+    proc = run_retrodb("redact", root, "--pii", "email", "--yes", env={"RETRODB_KILL_AT": "commit.before_manifest#1"})
+    assert proc.returncode == -9 and (root / "redact-check.json").exists()
+    report = verify(root)
+    assert report.ok and any("redact-check.json" == f.path for f in report.warnings)
+    redact(root, build_selectors(doc_ids=["p1"]))
+    assert not (root / "redact-check.json").exists() and verify(root).ok
+
+
+def test_unicode_property_classes_are_matched_by_python_over_every_row(tmp_path):
+    han = "\U0002EBF0\U0002EBF1"  # Unicode 15.1 letters: DuckDB's RE2 tables do not know them
+    root = build_columns(tmp_path / "db", [{"id": "h", "text": f"code: {han} end"}])
+    report = redact(root, build_selectors(regexes=[r"code: \pL+"]))
+    assert report.plan["documents"] == 1
+    assert retrodb.open(root).sql("SELECT text FROM documents WHERE doc_id = 'h'").column(0)[0].as_py() == \
+        "[REDACTED] end"
