@@ -23,19 +23,28 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 # The whole lifecycle on the embedded corpus (Python's documentation topics): build, query,
-# add and delete documents (the neighbours change, no retraining), redact, prove the absence.
+# precompute training neighbours, measure an evaluation set's leakage, add and delete documents
+# (the neighbours change, no retraining), redact, prove the absence.
 Q := "how does a retrieval-enhanced model use its database"
 demo: install
-	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl
+	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl $(DEMO_DB)-eval $(DEMO_DB)-leaked.txt
 	$(BIN)/python -m retrodb.demo_corpus $(DEMO_DB)-corpus
 	$(BIN)/python -m retrodb.demo_corpus --extra $(DEMO_DB)-extra.jsonl
+	$(BIN)/python -m retrodb.demo_corpus --eval $(DEMO_DB)-eval
 	$(BIN)/retrodb ingest $(DEMO_DB) $(DEMO_DB)-corpus
 	$(BIN)/retrodb embed $(DEMO_DB)
 	$(BIN)/retrodb index $(DEMO_DB)
+	@echo "== training neighbours: every chunk's 2 nearest chunks of other documents (4 stored)"
+	$(BIN)/retrodb neighbours $(DEMO_DB)
+	$(BIN)/retrodb sql $(DEMO_DB) "SELECT a.doc_id, n.chunk_id, n.rank, b.doc_id AS neighbour_doc, round(n.score::DOUBLE, 3) AS score FROM neighbours n JOIN chunks a USING (chunk_id) JOIN chunks b ON b.chunk_id = n.neighbour_chunk_id WHERE n.rank <= 2 AND a.doc_id = 'with.txt' ORDER BY n.chunk_id, n.rank LIMIT 6"
 	$(BIN)/retrodb stats $(DEMO_DB)
+	@echo "== leakage: how much of an evaluation set the database already holds (r(C), near-duplicates)"
+	$(BIN)/retrodb leakage $(DEMO_DB) $(DEMO_DB)-eval --dedup --out-ids $(DEMO_DB)-leaked.txt --top 3
 	@echo "== before the add: what the model would retrieve"
 	$(BIN)/retrodb query $(DEMO_DB) $(Q) -k 2
 	$(BIN)/retrodb add $(DEMO_DB) $(DEMO_DB)-extra.jsonl
+	@echo "== after the add: neighbours for the new segment only; the older ones are now stale"
+	$(BIN)/retrodb neighbours $(DEMO_DB)
 	@echo "== after the add: the new documents are retrieved"
 	$(BIN)/retrodb query $(DEMO_DB) $(Q) -k 2
 	$(BIN)/retrodb delete $(DEMO_DB) --doc-id retro-database --yes
@@ -65,4 +74,4 @@ bench: install
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl .pytest_cache
+	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl $(DEMO_DB)-eval $(DEMO_DB)-leaked.txt .pytest_cache

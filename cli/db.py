@@ -51,8 +51,10 @@ def stats(db: DbArg, at: AtOpt = None, fmt: FormatOpt = Format.human) -> None:
     if out.json:
         out.record(s)
         return
-    out.kv([(k, f"{v:,}" if isinstance(v, int) else v) for k, v in s.items() if k != "per_segment"],
-           title=f"{db} @ v{s['version']}")
+    from retrodb.neighbours import describe
+
+    out.kv([(k, f"{v:,}" if isinstance(v, int) else v) for k, v in s.items() if k not in ("per_segment", "neighbours")]
+           + [("neighbours", describe(s["neighbours"]))], title=f"{db} @ v{s['version']}")
     if s["per_segment"]:
         out.table(["segment", "documents", "chunks", "tokens", "deleted chunks", "bytes", "files"],
                   [[p["segment"], f"{p['documents']:,}", f"{p['chunks']:,}", f"{p['tokens']:,}",
@@ -94,7 +96,9 @@ def sql(
 
     Views: [bold]documents[/](doc_id, source, metadata, text, num_chars, num_tokens, num_chunks,
     first_chunk_id, segment), [bold]chunks[/](chunk_id, doc_id, position, char_start, char_end,
-    num_tokens, tokens, continuation_id, segment), [bold]segments[/](segment, documents, chunks).
+    num_tokens, tokens, continuation_id, segment), [bold]segments[/](segment, documents, chunks),
+    [bold]neighbours[/](chunk_id, rank, neighbour_chunk_id, score): the stored training neighbours
+    (`retrodb neighbours`), deleted chunks dropped on both sides, ranks renumbered 1..n.
 
     What it may do: one SELECT (also DESCRIBE, SHOW, SUMMARIZE, WITH, VALUES) that reads the
     views. What it may not: read any file but the snapshot's own (read_csv, read_blob, glob
@@ -107,6 +111,7 @@ def sql(
       retrodb sql my-db "SELECT count(*) AS n FROM chunks"
       retrodb sql my-db "SELECT doc_id, num_chunks FROM documents ORDER BY 2 DESC LIMIT 5" --format json
       retrodb sql my-db "DESCRIBE documents"
+      retrodb sql my-db "SELECT * FROM neighbours WHERE rank <= 2 LIMIT 10"
     """
     import duckdb
 
@@ -116,7 +121,7 @@ def sql(
     try:
         table = retrodb.open(db, at=at).sql(query)
     except duckdb.Error as exc:
-        raise RetrodbError(f"SQL error: {exc}".splitlines()[0], hint="the views are documents, chunks, segments") from None
+        raise RetrodbError(f"SQL error: {exc}".splitlines()[0], hint="the views are documents, chunks, segments, neighbours") from None
     out = Output(fmt.value)
     if out.json:
         for row in table.to_pylist():

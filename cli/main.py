@@ -21,6 +21,8 @@ from . import edit as edit_commands
 from . import embed as embed_commands
 from . import index as index_commands
 from . import ingest as ingest_commands
+from . import leakage as leakage_commands
+from . import neighbours as neighbours_commands
 from . import query as query_commands
 from . import redact as redact_commands
 from . import serve as serve_commands
@@ -39,6 +41,8 @@ HELP = """Build, edit and query the retrieval database of a RETRO model.
   retrodb delete my-db --doc-id doc01.txt
   retrodb compact my-db && retrodb vacuum my-db --yes
   retrodb verify my-db
+  retrodb neighbours my-db                # training neighbours of every chunk (k=2)
+  retrodb leakage my-db eval.txt --dedup  # how much of an evaluation text the database holds
   retrodb serve my-db                     # neighbour debugger at http://127.0.0.1:8750/
 """
 
@@ -59,6 +63,8 @@ query_commands.register(app)
 redact_commands.register(app)
 edit_commands.register(app)
 verify_commands.register(app)
+neighbours_commands.register(app)
+leakage_commands.register(app)
 serve_commands.register(app)
 
 

@@ -7,8 +7,11 @@ from typing import Annotated, List, Optional
 
 import typer
 
+from rich.markup import escape
+
 from ._options import AtOpt, DbArg, Format, FormatOpt
 from ._output import Output
+from ._text import flat, highlighted, print_wrapped
 
 
 def query(
@@ -30,8 +33,12 @@ def query(
     """Nearest chunks of each query: rank, score, document, position, chunk text and continuation.
 
     Searches every segment's HNSW index in parallel, drops deleted chunks and merges the
-    global top k. --format json prints one object per query: {"query", "neighbours":
-    [{rank, score, chunk_id, doc_id, position, text, continuation, tokens, continuation_tokens}]}.
+    global top k. Each neighbour is one block: rank, score, document, position and chunk id,
+    then its chunk and continuation as wrapped text, with the longest token run it shares
+    with the query (or the --chunk-id chunk) highlighted; r is that run over the query's
+    tokens. --format json prints one object per query: {"query", "neighbours": [{rank,
+    score, chunk_id, doc_id, position, text, continuation, tokens, continuation_tokens, r,
+    overlap: {tokens, query_start, start, text_span, continuation_span}}]}.
 
     [bold]Examples[/]
 
@@ -62,22 +69,49 @@ def query(
 
         results = remote_query(server, db, None if chunk_id else queries, k, ef=ef, exact=exact,
                                exclude_doc=exclude_doc, chunk_ids=chunk_id or None,
-                               exclude_same_doc=exclude_same_doc, on_warning=out.warn)
+                               exclude_same_doc=exclude_same_doc, on_warning=lambda m: out.warn(escape(m)))
     else:
         import retrodb
 
         handle = retrodb.open(db, at=at)
         results = handle.query(None if chunk_id else queries, k, ef=ef, exact=exact, exclude_doc=exclude_doc,
                                chunk_ids=chunk_id or None, exclude_same_doc=exclude_same_doc, threads=threads,
-                               device=device, on_warning=out.warn)
+                               device=device, on_warning=lambda m: out.warn(escape(m)), overlap=True)
     for r in results:
         if out.json:
             out.record(r.to_dict())
-            continue
-        title = f"chunk {r.chunk_id}: {_short(r.query, 120)}" if r.chunk_id is not None else f"query: {_short(r.query, 120)}"
-        out.table(["rank", "score", "doc_id", "pos", "chunk", "continuation"],
-                  [[n.rank, f"{n.score:.4f}", n.doc_id, n.position, _flat(n.text), _flat(n.continuation or "—")]
-                   for n in r.neighbours], title=title)
+        else:
+            show_result(out, r)
+
+
+def show_result(out: Output, r) -> None:
+    """One query's neighbours for people: a header, then one block per neighbour, wrapped to the terminal
+    (80 columns when not a terminal). Every piece of data is a rich Text, never parsed as markup."""
+    from rich.text import Text
+
+    console = out.out
+    head = Text("chunk " + str(r.chunk_id) + ": " if r.chunk_id is not None else "query: ", style="bold")
+    head.append(flat(r.query))
+    print_wrapped(console, head, 0)
+    if not r.neighbours:
+        print_wrapped(console, Text("no neighbours", style="dim"), 2)
+    for n in r.neighbours:
+        line = Text()
+        line.append(f"#{n.rank}", style="bold cyan")
+        line.append(f"  {n.score:.4f}  ")
+        line.append(n.doc_id, style="bold")
+        line.append(f" · pos {n.position} · id {n.chunk_id}", style="dim")
+        if n.overlap is not None:
+            line.append(f" · run {n.overlap['tokens']} tok, r {n.r:.2f}", style="yellow" if n.r else "dim")
+        console.print()
+        print_wrapped(console, line, 2)
+        print_wrapped(console, highlighted(n.text, (n.overlap or {}).get("text_span")), 4)
+        if n.continuation is None:
+            print_wrapped(console, Text("(no continuation: last chunk of its document)", style="dim"), 4)
+        else:
+            cont = highlighted(n.continuation, (n.overlap or {}).get("continuation_span"), style="dim")
+            print_wrapped(console, Text("→ ", style="dim") + cont, 4)
+    console.print()
 
 
 def read_queries(path: str) -> list[str]:
@@ -93,16 +127,6 @@ def read_queries(path: str) -> list[str]:
         raise RetrodbError(f"empty query: no queries in {'stdin' if path == '-' else path}",
                            hint="one query per line")
     return lines
-
-
-def _flat(s: str) -> str:
-    """Whitespace runs as one space, so a chunk reads as one paragraph in a table cell (JSON keeps it exact)."""
-    return " ".join(s.split())
-
-
-def _short(s: str, width: int) -> str:
-    s = _flat(s)
-    return s if len(s) <= width else s[: width - 1] + "…"
 
 
 def register(app: typer.Typer) -> None:

@@ -28,7 +28,8 @@ def verify(
     line up across the manifest, documents, chunks, keys (array shape) and HNSW index
     (element count); duplicate chunk ids; chunk ids, positions or continuation pointers
     that do not follow their document; tombstones naming unknown documents; a retained
-    older snapshot missing a file. Warnings (harmless, cleaned by the next writing
+    older snapshot missing a file; a stored neighbours file that is malformed or still names a
+    chunk a redaction removed (any file on disk). Notes: how stale the stored neighbours are. Warnings (harmless, cleaned by the next writing
     command or by vacuum): temporary files, unfinished jobs, uncommitted manifests,
     unreferenced segment files, a stale writer lock.
 
@@ -53,6 +54,8 @@ def verify(
             where = f" ({f.path})" if f.path else ""
             if f.level == "error":
                 out.err.print(Text.assemble(("error", "red"), f" [{f.check}] {f.message}{where}"), highlight=False)
+            elif f.level == "info":
+                out.out.print(Text(f"note [{f.check}] {f.message}{where}"), highlight=False)
             else:
                 out.err.print(Text.assemble(("warning:", "yellow"), f" [{f.check}] {f.message}{where}"),
                               highlight=False)

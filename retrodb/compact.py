@@ -4,7 +4,8 @@ The plan picks (1) segments whose deleted share of chunks reaches
 `min_deleted_ratio`, and (2) small segments (under half of
 `target_segment_chunks` live chunks, typically left by `add`), packed in
 segment order into groups of at most `target_segment_chunks` live chunks.
-Only segments of the same shape merge (same keys file name, index or not). A
+Only segments of the same shape merge (same keys file name, index or not, stored
+neighbours or not), so a merge never drops a segment's precomputed neighbours. A
 segment whose every document is deleted is dropped without a rewrite. Each
 group becomes one NEW segment (numbers are never reused) through the compact
 stage; untouched segments are not read at all, so the cost is the size of
@@ -78,8 +79,11 @@ def check_options(min_deleted_ratio: float, target_segment_chunks: int) -> None:
 
 
 def _shape(seg: dict) -> tuple:
+    """What segments must share to merge: keys, index, and stored neighbours (so a merge never loses them)."""
     keys = seg["files"].get("keys")
-    return (Path(keys["path"]).name if keys else None, "index" in seg["files"])
+    nb = seg.get("neighbours") if "neighbours" in seg["files"] else None
+    nb_params = tuple(nb.get(k) for k in ("k", "margin", "ef")) if nb else None
+    return (Path(keys["path"]).name if keys else None, "index" in seg["files"], nb_params)
 
 
 def plan_compaction(snapshot: Snapshot, min_deleted_ratio: float = DEFAULT_MIN_DELETED_RATIO,

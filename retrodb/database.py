@@ -166,6 +166,7 @@ class Database:
             "chunk_size": s.chunk_size,
             "tokenizer": s.config["tokenizer"]["path"],
             "embedder": (s.config.get("embedder") or {}).get("path"),
+            "neighbours": _neighbours_status(s),
             "per_segment": per_segment,
         }
 
@@ -195,7 +196,7 @@ class Database:
     def query(self, texts: "str | list[str] | None" = None, k: int = 4, *, ef: int = 64, exact: bool = False,
               exclude_doc: "str | list[str] | None" = None, chunk_ids: "list[int] | None" = None,
               exclude_same_doc: bool = True, vectors=None, threads: int | None = None, device: str = "auto",
-              on_warning=None) -> list:
+              on_warning=None, overlap: bool = False) -> list:
         """Nearest chunks of each query, best first: a list of `retrodb.query.QueryResult`, one per query.
 
         Give query `texts` (embedded with the database's embedder), or `chunk_ids` of chunks already in the
@@ -204,12 +205,15 @@ class Database:
         used); `exact` searches every key by brute force; `exclude_doc` leaves out those documents.
         Read-only (no lock); loaded indexes stay cached in this handle for the next query.
         `on_warning(message)` receives what was worked around (default: Python warnings).
+        `overlap` also gives each neighbour `r` and `overlap`: the longest token run it shares with the query
+        (or the chunk), and where (see `retrodb.query.with_overlap`).
         """
         from .query import searcher_for
 
         searcher = searcher_for(self, threads=threads, device=device)
         return searcher.query(texts, k, ef=ef, exact=exact, exclude_doc=exclude_doc, chunk_ids=chunk_ids,
-                              exclude_same_doc=exclude_same_doc, vectors=vectors, on_warning=on_warning)
+                              exclude_same_doc=exclude_same_doc, vectors=vectors, on_warning=on_warning,
+                              overlap=overlap)
 
     # ------------------------------------------------------------ writing
 
@@ -316,6 +320,12 @@ class Writer:
 
     def write_json(self, path: Path, obj) -> None:
         atomic_write_bytes(path, json.dumps(obj).encode())
+
+
+def _neighbours_status(snapshot: Snapshot) -> dict:
+    from .neighbours import status
+
+    return status(snapshot)
 
 
 def _tracking_job(version: int) -> str:

@@ -4,6 +4,7 @@ About 465 KB of real English text that exists wherever Python does.
 
     python -m retrodb.demo_corpus DIR            # one .txt file per topic
     python -m retrodb.demo_corpus --extra FILE   # the JSONL the demo adds, then deletes and redacts
+    python -m retrodb.demo_corpus --eval DIR     # an evaluation set for the leakage report
 """
 
 from __future__ import annotations
@@ -47,9 +48,29 @@ def write_extra(path: str | Path) -> Path:
     return path
 
 
+def write_eval(directory: str | Path) -> Path:
+    """An evaluation set for `retrodb leakage`: a topic of the corpus with one sentence changed (a near-duplicate:
+    it leaks fully), and the Zen of Python (not in the corpus)."""
+    import ast
+    import codecs
+    import importlib.util
+
+    source = Path(importlib.util.find_spec("this").origin).read_text()  # importing `this` would print it
+    zen = next(ast.literal_eval(n.value) for n in ast.parse(source).body
+               if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "s")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    edited = topics()["with"].replace("for convenient reuse", "so that they can be reused", 1)
+    (directory / "with-edited.txt").write_text(edited, encoding="utf-8")
+    (directory / "zen-of-python.txt").write_text(codecs.decode(zen, "rot13"), encoding="utf-8")
+    return directory
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     if args[:1] == ["--extra"]:
         write_extra(args[1] if len(args) > 1 else "demo-extra.jsonl")
+    elif args[:1] == ["--eval"]:
+        write_eval(args[1] if len(args) > 1 else "demo-eval")
     else:
         write_demo_corpus(args[0] if args else "demo-corpus")

@@ -29,7 +29,7 @@ from .database import Database, Writer
 from .database import open as open_database
 from .embedder import DEFAULT_MAX_LENGTH, check_identity, embedder_for, load_embedder, same_identity
 from .errors import MissingStage, RetrodbError
-from .executor import LocalExecutor
+from .executor import LocalExecutor, run_keeping_finished
 from .stages.embed import EmbedStage, keys_file_name
 
 COMMIT_EVERY_S = 60.0  # commit finished segments at least this often...
@@ -128,6 +128,8 @@ def _run(w: Writer, job: str, embedder, ident: dict, todo: list, new_identity: b
                 for seg in data["segments"].values():
                     seg["files"].pop("keys", None)
                     seg["files"].pop("index", None)
+                    seg["files"].pop("neighbours", None)  # computed from the old keys
+                    seg.pop("neighbours", None)
             data["config"]["embedder"] = ident
         for name, record in pending.items():
             data["segments"][name]["files"]["keys"] = record
@@ -156,15 +158,7 @@ def _run(w: Writer, job: str, embedder, ident: dict, todo: list, new_identity: b
     if progress is not None:
         progress({"total": sum(s["chunks"] for _, s in todo)})
     stage = EmbedStage(w.root, embedder, work)
-    try:
-        LocalExecutor(workers=1).run(stage, todo, on_result=on_result, on_progress=on_progress)
-    except BaseException:
-        if pending:  # finished segments are complete: keep them whatever stopped the run
-            try:
-                commit()
-            except Exception:
-                pass
-        raise
+    run_keeping_finished(LocalExecutor(workers=1), stage, todo, on_result, on_progress, pending, commit)
     if pending or new_identity:
         commit()
     shutil.rmtree(work, ignore_errors=True)

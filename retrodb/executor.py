@@ -138,6 +138,21 @@ class RayExecutor:
         return results
 
 
+def run_keeping_finished(executor, stage: Stage, units: Iterable, on_result: Callback, on_progress: Callback | None,
+                         pending: dict, commit: Callable[[], None]) -> None:
+    """Run `stage` over `units`; whatever stops the run, first commit the finished results still `pending`
+    (each is complete), then re-raise."""
+    try:
+        executor.run(stage, units, on_result=on_result, on_progress=on_progress)
+    except BaseException:
+        if pending:
+            try:
+                commit()
+            except Exception:
+                pass
+        raise
+
+
 def make_executor(kind: str = "local", workers: int | None = None, address: str | None = None):
     if kind == "local":
         return LocalExecutor(workers)

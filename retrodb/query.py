@@ -50,6 +50,10 @@ class Neighbour:
     continuation: str | None  # the next chunk's text, None for a document's last chunk
     tokens: list[int]  # LM token ids of the chunk
     continuation_tokens: list[int]  # LM token ids of the continuation ([] if none)
+    # with query(..., overlap=True): the longest token run the query shares with [N, F] (retrodb/overlap.py)
+    r: float | None = None  # that run's length / the query's tokens (RETRO's r(C) for a chunk query)
+    overlap: dict | None = None  # {"tokens", "query_start", "start" (in tokens + continuation_tokens),
+    #                               "text_span" [a, b) in text or None, "continuation_span" [a, b) or None}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -298,7 +302,7 @@ class Searcher:
     def query(self, texts: str | list[str] | None = None, k: int = 4, *, ef: int = 64, exact: bool = False,
               exclude_doc: str | Iterable[str] | None = None, chunk_ids: Iterable[int] | None = None,
               exclude_same_doc: bool = True, vectors: np.ndarray | None = None,
-              on_warning: Callable[[str], None] | None = None) -> list[QueryResult]:
+              on_warning: Callable[[str], None] | None = None, overlap: bool = False) -> list[QueryResult]:
         """Neighbours of each query text (or chunk, or vector), best first. See `Database.query`."""
         warn = on_warning or (lambda m: warnings.warn(m, QueryWarning, stacklevel=3))
         if k < 1:
@@ -346,6 +350,9 @@ class Searcher:
             out = []
             for i, row in enumerate(hits):
                 neighbours = [_neighbour(r + 1, cid, score, payload[cid]) for r, (cid, score, _) in enumerate(row)]
+                if overlap and vectors is None:
+                    q_tokens = payload[asked[i]]["tokens"] if asked[i] is not None else self._tokens(labels[i])
+                    neighbours = [with_overlap(n, q_tokens, self._tokenizer()) for n in neighbours]
                 out.append(QueryResult(labels[i], neighbours, asked[i]))
             return out
 
@@ -384,6 +391,14 @@ class Searcher:
             self._pool = None
 
     # ------------------------------------------------------------ parts
+
+    def _tokenizer(self):
+        from .tokenizer import load_tokenizer
+
+        return load_tokenizer(self.config["tokenizer"]["path"])
+
+    def _tokens(self, text: str) -> list[int]:
+        return self._tokenizer().encode(text, add_special_tokens=False).ids
 
     def segments(self) -> dict[str, _Segment]:
         if self._segments is None:
@@ -594,6 +609,38 @@ def _neighbour(rank: int, chunk_id: int, score: float, row: dict) -> Neighbour:
     return Neighbour(rank=rank, score=round(score, 6), chunk_id=chunk_id, doc_id=row["doc_id"],
                      position=row["position"], text=row["text"], continuation=row["continuation"],
                      tokens=row["tokens"], continuation_tokens=row["continuation_tokens"])
+
+
+def with_overlap(n: Neighbour, query_tokens: list[int], tokenizer) -> Neighbour:
+    """`n` with `r` and `overlap` set: the longest token run the query shares with its [N, F], and where that
+    run lies in its text and continuation (character spans; None where re-tokenising the text does not give
+    the stored tokens back, so no span can be trusted)."""
+    from dataclasses import replace
+
+    from .overlap import longest_common_run
+
+    value = list(n.tokens) + list(n.continuation_tokens)
+    run = longest_common_run(query_tokens, value)
+    info = {"tokens": run.length, "query_start": run.a_start, "start": run.b_start,
+            "text_span": None, "continuation_span": None}
+    if run.length:
+        cut = len(n.tokens)
+        parts = (("text_span", n.text, n.tokens, run.b_start, min(run.b_start + run.length, cut)),
+                 ("continuation_span", n.continuation or "", n.continuation_tokens,
+                  max(run.b_start, cut) - cut, run.b_start + run.length - cut))
+        for key, text, tokens, a, b in parts:
+            if b > a:
+                info[key] = _char_span(tokenizer, text, tokens, a, b)
+    r = run.length / len(query_tokens) if len(query_tokens) else 0.0
+    return replace(n, r=round(r, 6), overlap=info)
+
+
+def _char_span(tokenizer, text: str, tokens: list[int], a: int, b: int) -> list[int] | None:
+    """Character span of tokens a .. b-1 of `text`, whose stored tokens are `tokens`."""
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    if list(enc.ids) != list(tokens):
+        return None
+    return [int(enc.offsets[a][0]), int(enc.offsets[b - 1][1])]
 
 
 def searcher_for(db, threads: int | None = None, device: str = "auto") -> Searcher:

@@ -389,6 +389,7 @@ def audit_entry(root: Path, plan: RedactionPlan, selectors: list[Selector], igno
         "segments": plan.segments,
         "columns": {c: n for c, n in plan.summary()["columns"].items() if n},
         "doc_id_hashes": sorted({doc_id_hash(salt, m.doc_id) for m in plan.matches}),
+        "chunk_ranges": sorted({(m.first_chunk_id, m.num_chunks) for m in plan.matches}),  # ids, never text
         "version_before": version_before,
         "version_after": version_after,
     }
@@ -611,6 +612,7 @@ def _finish(w, report: RedactReport | None = None, written: set[str] = frozenset
         shutil.rmtree(job_dir, ignore_errors=True)
         if report is not None:
             report.compacted_segments = live_affected
+    removed_neighbours = _purge_neighbours(w, pending["audit"].get("chunk_ranges", []))
     # purge: every other snapshot that references an affected segment goes, whatever the retention
     current = w.base.version
     purged = []
@@ -621,7 +623,7 @@ def _finish(w, report: RedactReport | None = None, written: set[str] = frozenset
             s = snap.read_manifest(w.root, v)
         except RetrodbError:
             s = None
-        if s is None or affected & set(s.segments):
+        if s is None or affected & set(s.segments) or removed_neighbours & {r["path"] for r in s.files()}:
             if s is not None:  # a trace for `log`: version, time, command; no content
                 _append_line(w.root / PURGED_LOG, {"version": v, "created": s.data.get("created"),
                                                    "command": s.data.get("command"),
@@ -678,6 +680,15 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         return None
+
+
+def _purge_neighbours(w, chunk_ranges) -> set[str]:
+    """Rewrite the current snapshot's neighbours files that name removed chunks (a commit, when any does);
+    returns every neighbours file still on disk that names them, so the snapshots holding those go too."""
+    from . import neighbours
+
+    neighbours.purge(w, chunk_ranges)
+    return neighbours.files_naming(w.root, chunk_ranges)
 
 
 def _check_absent(w, strings: list[str], ignore_case: bool, written: set[str]) -> tuple[int, int]:

@@ -155,7 +155,8 @@ class Service:
         def go(db: Database) -> dict:
             results = db.query(req.texts, req.k, ef=req.ef, exact=req.exact, exclude_doc=req.exclude_doc,
                                chunk_ids=req.chunk_ids, exclude_same_doc=req.exclude_same_doc,
-                               threads=self.threads, device=self.device, on_warning=warnings.append)
+                               threads=self.threads, device=self.device, on_warning=warnings.append,
+                               overlap=True)
             return {"path": str(self.root.resolve()), "version": db.version,
                     "results": [result_json(r) for r in results]}
 

@@ -1,4 +1,4 @@
-"""DuckDB views over one snapshot: `documents`, `chunks` (tombstones applied) and `segments`.
+"""DuckDB views over one snapshot: `documents`, `chunks` (tombstones applied), `segments` and `neighbours`.
 
 Two kinds of connection. `connect` is for retrodb's own SQL (it may add views over new
 files). `connect_readonly` is for SQL that comes from a user (`retrodb sql`, `delete
@@ -17,7 +17,7 @@ import os
 from .errors import RetrodbError
 from .snapshot import Snapshot
 
-VIEWS = "documents, chunks, segments"
+VIEWS = "documents, chunks, segments, neighbours"
 READ_ONLY_HINT = (f"retrodb sql runs one read-only query (SELECT, DESCRIBE, SHOW, SUMMARIZE) over the views "
                   f"{VIEWS}; it cannot read or write other files, attach databases, install extensions or change "
                   "settings")
@@ -79,6 +79,9 @@ def connect(snapshot: Snapshot, threads: int | None = None):
     else:
         con.execute("CREATE VIEW segments AS SELECT NULL::VARCHAR AS segment, 0::BIGINT AS documents, "
                     "0::BIGINT AS chunks WHERE false")
+    from .neighbours import sql_view
+
+    sql_view(con, snapshot)  # neighbours(chunk_id, rank, neighbour_chunk_id, score), live on both sides
     return con
 
 
@@ -97,7 +100,8 @@ def lock_down(con, readable) -> None:
 def connect_readonly(snapshot: Snapshot, threads: int | None = None):
     """`connect`, then locked down to the snapshot's own files (for SQL and patterns a user wrote)."""
     con = connect(snapshot, threads)
-    lock_down(con, [f for kind in ("documents", "chunks", "tombstones") for f in snapshot.segment_files(kind)])
+    lock_down(con, [f for kind in ("documents", "chunks", "tombstones", "neighbours")
+                   for f in snapshot.segment_files(kind)])
     return con
 
 

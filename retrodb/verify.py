@@ -34,7 +34,7 @@ from .snapshot import Snapshot
 
 @dataclass
 class Finding:
-    level: str  # "error" (the snapshot is damaged) or "warning" (a harmless leftover)
+    level: str  # "error" (the snapshot is damaged), "warning" (a harmless leftover) or "info" (state worth knowing)
     check: str
     message: str
     path: str | None = None
@@ -59,6 +59,9 @@ class Verification:
 
     def warn(self, message: str, path: str | None = None) -> None:
         self.findings.append(Finding("warning", self.check, message, path))
+
+    def info(self, message: str, path: str | None = None) -> None:
+        self.findings.append(Finding("info", self.check, message, path))
 
     def readable_segments(self):
         """(name, entry) of the segments whose files passed the file check."""
@@ -372,12 +375,20 @@ def check_pending(v: Verification) -> None:
                 f"{v.root}` (any selector) to finish it")
 
 
+def check_neighbours(v: Verification) -> None:
+    """Stored neighbours: well-formed files, no chunk a redaction removed, staleness (see retrodb/neighbours.py)."""
+    from .neighbours import verify_check
+
+    verify_check(v)
+
+
 CHECKS: list[tuple[str, Check]] = [
     ("pending", check_pending),
     ("files", check_files),
     ("rows", check_rows),
     ("chunk_ids", check_chunk_ids),
     ("tombstones", check_tombstones),
+    ("neighbours", check_neighbours),
     ("retained", check_retained),
     ("leftovers", check_leftovers),
 ]

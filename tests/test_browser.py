@@ -63,6 +63,10 @@ def test_query_shows_neighbour_cards_and_opens_their_neighbours(page_server, bro
     assert first.query_selector(".rank").inner_text() == "#1"
     assert first.query_selector(".doc").inner_text().startswith("d")
     assert first.query_selector(".text").inner_text().strip()
+    marks = page.query_selector_all(".card mark")
+    assert marks, "the longest common token run is highlighted"
+    assert all(m.inner_text().strip() and m.inner_text().lower() in
+               "retrieval database chunk neighbour encoder" for m in marks if len(m.inner_text().split()) > 1)
     # a neighbour's own neighbours: its document is left out
     chunk_id = first.get_attribute("data-chunk-id")
     doc = first.query_selector(".doc").inner_text()

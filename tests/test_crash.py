@@ -23,7 +23,8 @@ import retrodb
 from retrodb.cli.main import run as cli_run
 from retrodb.verify import verify
 from tests.conftest import REPO, run_retrodb
-from tests.edit_helpers import build_db, content, write_jsonl
+from tests.edit_helpers import build_db, write_jsonl
+from tests.edit_helpers import content as edit_content
 
 # (command, kill points): a point with #N is its Nth hit in the process
 KILL_POINTS = {
@@ -34,9 +35,13 @@ KILL_POINTS = {
     "delete": ["delete.tombstones_written#1", "delete.tombstones_written#2", "commit.before_manifest",
                "commit.before_current", "commit.after_current"],
     "compact": ["compact.documents_written", "compact.chunks_written", "compact.keys_written#1",
-                "compact.keys_written#2", "index.saved#1", "compact.index_written#2", "compact.segment_done#1",
+                "compact.keys_written#2", "index.saved#1", "compact.index_written#2", "compact.neighbours_written#1",
+                "compact.segment_done#1",
                 "compact.segment_done#2",
                 "compact.before_commit", "commit.before_manifest", "commit.before_current", "commit.after_current"],
+    "neighbours": ["neighbours.block_done#1", "neighbours.block_done#3", "neighbours.segment_published#1",
+                   "neighbours.segment_published#2", "neighbours.before_commit", "commit.before_manifest",
+                   "commit.before_current", "commit.after_current"],
     "vacuum": ["vacuum.manifests_removed", "vacuum.file_removed#1", "vacuum.file_removed#4",
                "vacuum.file_removed#12"],
 }
@@ -44,10 +49,14 @@ KILL_POINTS = {
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    """An embedded, indexed database with deletions in several segments and history to vacuum, plus the add input."""
+    """An embedded, indexed database with neighbours, deletions in several segments since, and history to vacuum,
+    plus the add input."""
     root = tmp_path_factory.mktemp("crash")
     db = build_db(root / "db", n_docs=24, segment_bytes=1500, index=True)
     from retrodb.delete import delete
+    from retrodb.neighbours import compute_neighbours
+
+    compute_neighbours(db, 2)
 
     delete(db, doc_ids=[f"d{i}" for i in range(0, 24, 2)])  # every other document: all segments qualify
     write_jsonl(root / "add.jsonl", [f"d{i}" for i in (1, 3)] + [f"new{i}" for i in range(10)], seed=300)
@@ -60,6 +69,7 @@ def command_args(cmd: str, db, template) -> list:
         "delete": ["delete", db, "--doc-id", "d1", "--doc-id", "d5", "--doc-id", "d9", "--yes"],
         "compact": ["compact", db, "--target-segment-chunks", "10", "--workers", "1"],
         "vacuum": ["vacuum", db, "--grace", "0s", "--yes"],
+        "neighbours": ["neighbours", db, "--refresh"],
     }[cmd]
 
 
@@ -72,6 +82,13 @@ def prepare(template, name: str, cmd: str):
 
         compact(db, 0.2, 10, workers=1)
     return db
+
+
+def content(db) -> dict:
+    """What readers see, the stored neighbours (SQL view) included."""
+    out = edit_content(db)
+    out["neighbours"] = retrodb.open(db).sql("SELECT * FROM neighbours ORDER BY chunk_id, rank").to_pylist()
+    return out
 
 
 def without_ids(c: dict) -> tuple:
@@ -122,7 +139,7 @@ def test_kill9_at_every_point_then_rerun(template, cmd):
 
 def test_kill_point_count():
     total = sum(len(p) for p in KILL_POINTS.values())
-    print(f"\nkill points across add, delete, compact, vacuum: {total}")
+    print(f"\nkill points across add, delete, compact, neighbours, vacuum: {total}")
     assert total >= 30
 
 

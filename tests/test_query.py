@@ -16,7 +16,8 @@ from tests.test_index import embedded_db, topic_corpus
 QUERIES = ["how does the with statement call __enter__ and __exit__", "raise an exception from a function",
            "string methods like split and join", "for loop over a sequence with break and continue",
            "lambda expressions", "global and nonlocal names", "formatted string literals"]
-FIELDS = ["rank", "score", "chunk_id", "doc_id", "position", "text", "continuation", "tokens", "continuation_tokens"]
+FIELDS = ["rank", "score", "chunk_id", "doc_id", "position", "text", "continuation", "tokens", "continuation_tokens",
+          "r", "overlap"]
 
 
 @pytest.fixture(scope="module")
@@ -186,15 +187,18 @@ def test_results_json_schema(cli, db):
             assert isinstance(n["position"], int) and isinstance(n["text"], str) and n["text"]
             assert n["continuation"] is None or isinstance(n["continuation"], str)
             assert all(isinstance(t, int) for t in n["tokens"] + n["continuation_tokens"])
-    lib = retrodb.open(db).query(["raise an exception", "lambda"], k=3)
+            assert 0 <= n["r"] <= 1 and set(n["overlap"]) == {"tokens", "query_start", "start", "text_span",
+                                                               "continuation_span"}
+    lib = retrodb.open(db).query(["raise an exception", "lambda"], k=3, overlap=True)
     assert [x.to_dict() for x in lib] == lines
+    assert retrodb.open(db).query("lambda", k=1)[0].neighbours[0].r is None  # computed only when asked
 
 
 def test_cli_human_file_and_stdin(cli, db, tmp_path, monkeypatch):
     import io
 
     r = cli("query", db, "string methods", "-k", "2")
-    assert r.code == 0 and "rank" in r.out and "continuation" in r.out and "query: string methods" in r.out
+    assert r.code == 0 and "#1  " in r.out and "#2  " in r.out and "query: string methods" in r.out
     f = tmp_path / "q.txt"
     f.write_text("string methods\n\n  lambda  \n")
     r = cli("query", db, "--file", f, "--format", "json")
@@ -311,3 +315,44 @@ def test_real_minilm_end_to_end(tmp_path):
     assert ids_of(got) == ids_of(handle.query(["small anonymous functions created with lambda expressions",
                                                "shift an integer left or right by a number of bits"], k=3,
                                               exact=True))
+
+
+def test_overlap_spans_point_at_the_shared_run(db):
+    handle = retrodb.open(db)
+    row = handle.sql("SELECT chunk_id, doc_id FROM chunks WHERE position = 1 LIMIT 1").to_pylist()[0]
+    [res] = handle.query(chunk_ids=[row["chunk_id"]], k=1, exclude_same_doc=False, overlap=True)
+    n = res.neighbours[0]
+    assert n.chunk_id == row["chunk_id"] and n.r == 1.0  # the chunk itself: the whole chunk is the run
+    assert n.overlap["tokens"] == len(n.tokens) and n.overlap["text_span"] == [0, len(n.text)]
+    text = "the with statement calls __enter__ and __exit__ of the context manager"
+    from retrodb.tokenizer import load_tokenizer
+
+    q = load_tokenizer(handle.config["tokenizer"]["path"]).encode(text, add_special_tokens=False).ids
+    for nb in handle.query(text, k=4, overlap=True)[0].neighbours:
+        o = nb.overlap
+        value = list(nb.tokens) + list(nb.continuation_tokens)
+        assert value[o["start"]: o["start"] + o["tokens"]] == q[o["query_start"]: o["query_start"] + o["tokens"]]
+        assert nb.r == pytest.approx(o["tokens"] / len(q), abs=1e-6)
+        if o["text_span"]:
+            a, b = o["text_span"]
+            assert nb.text[a:b].strip()
+
+
+def test_human_view_fits_80_columns_and_prints_data_literally(cli, tmp_path):
+    import json as _json
+
+    from retrodb.embed import embed
+    from retrodb.ingest import IngestOptions, ingest
+
+    src = tmp_path / "d.jsonl"
+    rows = [{"id": "[red]markup[/red]", "text": "Look: [bold]not bold[/bold] and [link=x]y[/link] " * 20},
+            {"id": "plain", "text": "ordinary words about retrieval and databases " * 20}]
+    src.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    root = tmp_path / "db"
+    ingest(root, [str(src)], IngestOptions(workers=1))
+    embed(root, "hash:16")
+    r = cli("query", root, "[bold]not bold[/bold]", "-k", "2")
+    assert r.code == 0, r.err
+    assert "[red]markup[/red]" in r.out and "[bold]not bold[/bold]" in r.out
+    assert max(len(line) for line in r.out.splitlines()) <= 80
+    assert "run " in r.out and " tok, r " in r.out

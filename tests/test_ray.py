@@ -24,3 +24,18 @@ def test_ray_executor_matches_local(tmp_path, jsonl_file, ray_cluster):
         (on_ray.documents, on_ray.chunks, on_ray.tokens, on_ray.segments)
     q = "SELECT chunk_id, doc_id, tokens, char_start, char_end FROM chunks ORDER BY chunk_id"
     assert retrodb.open(tmp_path / "local").sql(q).equals(retrodb.open(tmp_path / "ray").sql(q))
+
+
+def test_neighbours_on_ray_match_local(tmp_path, ray_cluster):
+    import shutil
+
+    from retrodb.neighbours import compute_neighbours
+    from tests.edit_helpers import build_db
+
+    local = build_db(tmp_path / "local", n_docs=20, segment_bytes=2000, index=True)
+    shutil.copytree(local, tmp_path / "ray")
+    compute_neighbours(local, 2, workers=1)
+    report = compute_neighbours(tmp_path / "ray", 2, executor="ray")
+    assert len(report.segments) > 1
+    q = "SELECT * FROM neighbours ORDER BY chunk_id, rank"
+    assert retrodb.open(local).sql(q).equals(retrodb.open(tmp_path / "ray").sql(q))

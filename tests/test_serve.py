@@ -85,7 +85,7 @@ def server(served_db, tmp_path):
 def test_query_answers_like_the_library(server):
     status, answer = server.post("/api/query", {"texts": ["retrieval chunk neighbour"], "k": 3})
     assert status == 200
-    expected = retrodb.open(server.service.root).query(["retrieval chunk neighbour"], 3)[0].to_dict()
+    expected = retrodb.open(server.service.root).query(["retrieval chunk neighbour"], 3, overlap=True)[0].to_dict()
     assert answer["results"][0]["neighbours"] == expected["neighbours"]
     assert answer["results"][0]["query"] == "retrieval chunk neighbour"
     assert answer["version"] == retrodb.open(server.service.root).version

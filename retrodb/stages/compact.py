@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import faults, tombstones
+from .. import faults, neighbours, tombstones
 from ..atomic import atomic_write_bytes, file_record, publish, tmp_path_for
 from ..snapshot import SEGMENTS, segment_name
 from .base import Stage
@@ -60,7 +60,12 @@ class CompactStage(Stage):
             files["keys"] = self._copy_keys(sources, keep, directory, n_chunks)
             faults.point("compact.keys_written")
         entry = {"documents": n_docs, "chunks": n_chunks, "tokens": n_tokens, "files": files,
-                 "compacted_from": [n for n, _ in sources]}
+                 "compacted_from": [n for n, _ in sources],
+                 "origin_max": max(neighbours.origin_max(n, seg) for n, seg in sources)}
+        carried = neighbours.carry_over(self.root, sources, self._kept_ids(sources, keep), directory)
+        if carried is not None:  # the kept chunks' precomputed neighbours come along (ranks renumbered)
+            files["neighbours"], entry["neighbours"] = carried
+            faults.point("compact.neighbours_written")
         if "keys" in files and self.index_params and all("index" in seg["files"] for _, seg in sources):
             from ..index import build_segment_index
 
@@ -115,6 +120,11 @@ class CompactStage(Stage):
             raise
         publish(tmp, final)
         return file_record(self.root, final), rows, (total if sum_column else masks)
+
+    def _kept_ids(self, sources, masks: list[np.ndarray]) -> list[np.ndarray]:
+        from .index import read_chunk_ids
+
+        return [read_chunk_ids(self.root, seg)[keep] for (_, seg), keep in zip(sources, masks)]
 
     def _copy_keys(self, sources, masks: list[np.ndarray], directory: Path, rows: int) -> dict:
         """Select the kept rows of each source's keys into one new keys file (same name, same identity)."""
