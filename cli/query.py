@@ -7,8 +7,6 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from rich.markup import escape
-
 from ._options import AtOpt, DbArg, Format, FormatOpt
 from ._output import Output
 from ._text import flat, highlighted, print_wrapped
@@ -48,35 +46,35 @@ def query(
       retrodb query my-db "exceptions" --exact --at 3      # brute force, on snapshot 3
       retrodb query my-db "generators" --server http://127.0.0.1:8750   # a warm `retrodb serve`
     """
-    from retrodb.errors import RetrodbError
+    from retrodb.errors import UsageError
 
     out = Output(fmt.value)
     queries = list(texts or [])
     if queries == ["-"] or file is not None:
         if file is not None and queries:
-            raise RetrodbError("give query texts or --file, not both")
+            raise UsageError("give query texts or --file, not both")
         queries = read_queries(file or "-")
     if chunk_id and queries:
-        raise RetrodbError("give query texts or --chunk-id, not both")
+        raise UsageError("give query texts or --chunk-id, not both")
     if not chunk_id and not queries:
-        raise RetrodbError("empty query: nothing to search for",
+        raise UsageError("empty query: nothing to search for",
                            hint=f'retrodb query {db} "some text" (or --file FILE, or --chunk-id N)')
     if server:
         if at is not None:
-            raise RetrodbError("--at cannot be used with --server: the server answers from the current snapshot",
+            raise UsageError("--at cannot be used with --server: the server answers from the current snapshot",
                                hint="leave out --server to read an older snapshot")
         from retrodb.client import query as remote_query
 
         results = remote_query(server, db, None if chunk_id else queries, k, ef=ef, exact=exact,
                                exclude_doc=exclude_doc, chunk_ids=chunk_id or None,
-                               exclude_same_doc=exclude_same_doc, on_warning=lambda m: out.warn(escape(m)))
+                               exclude_same_doc=exclude_same_doc, on_warning=out.warn)
     else:
         import retrodb
 
         handle = retrodb.open(db, at=at)
         results = handle.query(None if chunk_id else queries, k, ef=ef, exact=exact, exclude_doc=exclude_doc,
                                chunk_ids=chunk_id or None, exclude_same_doc=exclude_same_doc, threads=threads,
-                               device=device, on_warning=lambda m: out.warn(escape(m)), overlap=True)
+                               device=device, on_warning=out.warn, overlap=True)
     for r in results:
         if out.json:
             out.record(r.to_dict())
