@@ -28,6 +28,7 @@ from . import leakage as leakage_commands
 from . import neighbours as neighbours_commands
 from . import query as query_commands
 from . import redact as redact_commands
+from . import serve as serve_commands
 from . import verify as verify_commands
 
 HELP = """Build, edit and query the retrieval database of a RETRO model.
@@ -45,6 +46,7 @@ HELP = """Build, edit and query the retrieval database of a RETRO model.
   retrodb verify my-db
   retrodb neighbours my-db                # training neighbours of every chunk (k=2)
   retrodb leakage my-db eval.txt --dedup  # how much of an evaluation text the database holds
+  retrodb serve my-db                     # neighbour debugger at http://127.0.0.1:8750/
 """
 
 app = typer.Typer(
@@ -80,6 +82,7 @@ edit_commands.register(app)
 verify_commands.register(app)
 neighbours_commands.register(app)
 leakage_commands.register(app)
+serve_commands.register(app)
 
 
 def _error(message: str, hint: str | None = None) -> None:
