@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HNSWLIB_NO_NATIVE := 1
 
-.PHONY: install demo test test-ray bench model clean
+.PHONY: install demo test test-ray browser bench model clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -66,6 +66,13 @@ test: install
 test-ray: install
 	$(BIN)/pip install -q -e '.[ray]'
 	$(BIN)/python -m pytest -q -m ray tests
+
+# The browser test of `retrodb serve`: Playwright (Python) driving Debian's Chromium (no browser download).
+# Without them, tests/test_browser.py is skipped and says how to install them.
+browser: install
+	$(BIN)/pip install -q -e '.[browser]'
+	command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; } \
+		|| echo "make browser: could not install chromium (apt-get needs root); the browser test will be skipped"
 
 bench: install
 	$(BIN)/python bench/run.py

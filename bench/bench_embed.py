@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 import retrodb  # noqa: E402
 from retrodb.embedder import BertEmbedder  # noqa: E402
+from retrodb.stages.base import segment_unit  # noqa: E402
 from retrodb.stages.embed import EmbedStage, chunk_texts, keys_file_name  # noqa: E402
 
 
@@ -106,8 +107,8 @@ def time_stage(emb: BertEmbedder, db_path: Path, work: Path, units: list | None 
     stage = EmbedStage(db_path, emb, work)
     sync(emb)
     started = time.perf_counter()
-    for unit in units:
-        stage.run(unit)
+    for seg_name, seg in units:
+        stage.run(segment_unit(seg_name, seg))
     sync(emb)
     return time.perf_counter() - started
 

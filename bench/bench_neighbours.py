@@ -284,7 +284,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=["real", "quality", "segments", "workers", "memory"], action="append")
     p.add_argument("--chunks", type=int, default=50_000)
-    p.add_argument("--memory-sizes", type=int, nargs="+", default=[25_000, 100_000, 400_000, 1_600_000])
+    p.add_argument("--memory-sizes", type=int, nargs="+", default=[25_000, 100_000, 400_000])
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     parts = a.only or ["real", "quality", "segments", "workers", "memory"]

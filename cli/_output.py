@@ -1,6 +1,12 @@
 """One output object: rich tables and progress bars for people, JSON lines for scripts.
 
 Data goes to stdout, warnings and errors to stderr; JSON mode prints no bars.
+Data is shown as it is: neither console interprets markup or emoji codes in
+what it prints (a document holding `[/bold]` or `:x:` prints as that), our own
+styling is applied through `Text` objects, and lines are never hard-wrapped
+(soft wrap), so a warning stays one line for grep. A table that does not fit
+the terminal is printed one record per block, `column = value` lines (as
+DuckDB's CLI does in line mode), instead of squeezing its cells.
 """
 
 from __future__ import annotations
@@ -10,15 +16,22 @@ import sys
 import time
 from typing import Any, Iterable
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+
+
+def _console(**kw) -> Console:
+    return Console(soft_wrap=True, markup=False, emoji=False, highlight=False, **kw)
 
 
 class Output:
     def __init__(self, fmt: str = "human"):
         self.json = fmt == "json"
-        self.out = Console(soft_wrap=True)
-        self.err = Console(stderr=True)
+        self.out = _console()
+        self.err = _console(stderr=True)
+        self._blocks = 0  # tables and record blocks printed so far (a blank line separates them)
 
     def record(self, obj: Any) -> None:
         """One JSON object on its own line (JSON mode only)."""
@@ -26,27 +39,49 @@ class Output:
         sys.stdout.flush()
 
     def table(self, columns: list[str], rows: Iterable[Iterable[Any]], title: str | None = None) -> None:
-        t = Table(title=title, title_justify="left")
+        """A table, or one block of `column = value` lines per row where the table would not fit."""
+        rows = [["" if v is None else str(v) for v in r] for r in rows]
+        widths = [max([cell_len(c)] + [cell_len(line) for r in rows for line in r[i].splitlines() or [""]])
+                  for i, c in enumerate(columns)]
+        if sum(widths) + 3 * len(columns) + 1 > self.out.width:
+            self.records(columns, rows, title)
+            return
+        self._blocks += 1
+        t = Table(title=Text(title) if title else None, title_justify="left")
         for c in columns:
-            t.add_column(c, overflow="fold")
+            t.add_column(Text(c), overflow="fold")
         for r in rows:
-            t.add_row(*["" if v is None else str(v) for v in r])
+            t.add_row(*[Text(v) for v in r])
         self.out.print(t)
 
+    def records(self, columns: list[str], rows: Iterable[Iterable[Any]], title: str | None = None) -> None:
+        """One block per row: `column = value` lines, column names right-aligned, a blank line between rows."""
+        if self._blocks:
+            self.out.print()
+        self._blocks += 1
+        if title:
+            self.out.print(Text(title, style="bold"))
+        width = max((cell_len(c) for c in columns), default=0)
+        for i, r in enumerate(rows):
+            if i:
+                self.out.print()
+            for c, v in zip(columns, r):
+                self.out.print(Text(" " * (width - cell_len(c)) + c, style="bold") + Text(" = " + ("" if v is None else str(v))))
+
     def kv(self, pairs: Iterable[tuple[str, Any]], title: str | None = None) -> None:
-        t = Table(title=title, title_justify="left", show_header=False)
-        t.add_column(style="bold")
-        t.add_column()
-        for k, v in pairs:
-            t.add_row(k, "" if v is None else str(v))
-        self.out.print(t)
+        """Named values, one `name = value` line each (never wrapped)."""
+        pairs = list(pairs)
+        self.records([k for k, _ in pairs], [[v for _, v in pairs]], title)
 
     def say(self, message: str) -> None:
         if not self.json:
             self.out.print(message)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/] {message}", highlight=False)
+        self.err.print(Text("warning:", style="yellow") + Text(" " + message))
+
+    def error(self, message: str) -> None:
+        self.err.print(Text("error", style="red") + Text(" " + message))
 
     def progress(self, description: str, unit: str = "documents"):
         """A progress callback for library stages (a no-op in JSON mode)."""

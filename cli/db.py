@@ -58,7 +58,8 @@ def stats(db: DbArg, at: AtOpt = None, fmt: FormatOpt = Format.human) -> None:
     if s["per_segment"]:
         out.table(["segment", "documents", "chunks", "tokens", "deleted chunks", "bytes", "files"],
                   [[p["segment"], f"{p['documents']:,}", f"{p['chunks']:,}", f"{p['tokens']:,}",
-                    f"{p['deleted_chunks']:,}", f"{p['bytes']:,}", ", ".join(p["files"])] for p in s["per_segment"]])
+                    f"{p['deleted_chunks']:,}", f"{p['bytes']:,}", ", ".join(p["files"])] for p in s["per_segment"]],
+                  title="segments")
 
 
 def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
@@ -81,7 +82,7 @@ def log(db: DbArg, fmt: FormatOpt = Format.human) -> None:
     out.table(["version", "created", "command", "documents", "chunks", "tokens", "segments"],
               [[str(r["version"]), r["created"], r["command"], f"purged by redaction {r.get('purged_by') or ''}".strip(),
                 "", "", ""] if r.get("purged") else
-               [("* " if r["current"] else "") + str(r["version"]), r["created"], r["command"], f"{r['documents']:,}",
+               [str(r["version"]) + (" (current)" if r["current"] else ""), r["created"], r["command"], f"{r['documents']:,}",
                 f"{r['chunks']:,}", f"{r['tokens']:,}", r["segments"]] for r in rows])
 
 
@@ -121,11 +122,18 @@ def sql(
     try:
         table = retrodb.open(db, at=at).sql(query)
     except duckdb.Error as exc:
+        from retrodb.database import undecodable
+
+        if type(exc) in (duckdb.Error, duckdb.IOException, duckdb.SerializationException, duckdb.InternalException):
+            raise undecodable(exc, Path(db), "sql") from None  # a database file DuckDB could not decode
         raise RetrodbError(f"SQL error: {exc}".splitlines()[0], hint="the views are documents, chunks, segments, neighbours") from None
     out = Output(fmt.value)
     if out.json:
         for row in table.to_pylist():
             out.record(row)
+        return
+    if not table.column_names:
+        out.say("(the statement returned no rows)")
         return
     rows = table.slice(0, limit).to_pylist()
     out.table(table.column_names, [[_short(v) for v in r.values()] for r in rows])

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
-from rich.markup import escape
 from rich.text import Text
 
 from ._options import (BatchSizeOpt, DbArg, DeviceOpt, DryRunOpt, Format, FormatOpt, FormatsOpt, IdFieldOpt,
@@ -44,17 +43,21 @@ def add(
       cat more.jsonl | retrodb add my-db -
     """
     from retrodb.add import add as run_add
-    from retrodb.ingest import IngestOptions
+    from retrodb.ingest import IngestOptions, NothingIngested
 
-    from .ingest import split_formats, warn_skipped
+    from .ingest import show_nothing_ingested, split_formats, warn_skipped
 
     input_format, output_format = split_formats(formats)
     out = Output(output_format)
     opts = IngestOptions(fmt=input_format, text_field=text_field, id_field=id_field, on_error=on_error,
                          segment_bytes=int(segment_mb * (1 << 20)), workers=workers)
-    with out.progress("add") as progress:
-        report = run_add(db, sources, opts, replace=replace, device=device, batch_size=batch_size, wait=wait,
-                         progress=progress)
+    try:
+        with out.progress("add") as progress:
+            report = run_add(db, sources, opts, replace=replace, device=device, batch_size=batch_size, wait=wait,
+                             progress=progress)
+    except NothingIngested as exc:
+        show_nothing_ingested(out, exc)
+        raise
     if out.json:
         out.record(report.to_dict())
         return
@@ -98,11 +101,11 @@ def delete(
     """
     from retrodb.database import Database
     from retrodb.delete import delete as run_delete, plan_delete, read_ids_file
-    from retrodb.errors import RetrodbError
+    from retrodb.errors import UsageError
 
     by_id = bool(doc_id) or ids_file is not None
     if by_id == (where is not None):
-        raise RetrodbError("say what to delete: --doc-id ID (repeatable) and/or --ids-file FILE, or --where SQL")
+        raise UsageError("say what to delete: --doc-id ID (repeatable) and/or --ids-file FILE, or --where SQL")
     ids = list(doc_id or []) + (read_ids_file(ids_file) if ids_file else []) if by_id else None
     out = Output(fmt.value)
     with usage_errors():
@@ -142,7 +145,7 @@ def _show_delete_plan(out: Output, db: Path, plan, dry_run: bool) -> None:
 def _delete_table(out: Output, db: Path, plan) -> None:
     out.table(["segment", "documents", "chunks", "tokens"],
               [[s, f"{c['documents']:,}", f"{c['chunks']:,}", f"{c['tokens']:,}"] for s, c in plan.per_segment().items()],
-              title=f"delete from {escape(str(db))} @ v{plan.version}: {len(plan.documents):,} documents, "
+              title=f"delete from {db} @ v{plan.version}: {len(plan.documents):,} documents, "
                     f"{plan.chunks:,} chunks, {plan.tokens:,} tokens")
     shown = [repr(d["doc_id"]) for d in plan.documents[:10]]  # data: a Text, never markup or emoji codes
     out.say(Text("documents: " + ", ".join(shown)
@@ -238,13 +241,17 @@ def vacuum(
         report = run_vacuum(db, retain, older, grace_s, wait=wait)  # with nothing to delete, it still cleans
     if out.json:
         out.record(report.to_dict())
-    elif dry_run:
+        return
+    if dry_run:
         _show_vacuum(out, report, db)
         out.say("dry run: nothing deleted")
     else:
         out.say(f"removed {len(report.plan.removed_versions)} snapshot(s) and {report.files_removed:,} file(s), "
                 f"freed {report.bytes_freed:,} bytes; retained: "
                 + ", ".join(f"v{v}" for v in report.plan.retained))
+    if report.plan.kept_by_grace and not report.plan.removed_versions:
+        out.say(f"--grace {grace} kept {', '.join(f'v{v}' for v in report.plan.kept_by_grace)}: superseded less than "
+                f"{grace} ago, so a reader may still have them open; --grace 0 removes them now")
 
 
 def _show_vacuum(out: Output, report, db: Path) -> None:

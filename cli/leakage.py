@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
+from rich.text import Text
 
 from ._options import AtOpt, DbArg, Format, FormatOpt
 from ._output import Output
@@ -39,8 +40,6 @@ def leakage(
       retrodb leakage my-db eval/ --format json > leakage.jsonl
       retrodb leakage my-db eval/ --dedup --out-ids leaked.txt && retrodb delete my-db --ids-file leaked.txt
     """
-    from rich.markup import escape
-
     from retrodb.errors import RetrodbError
     from retrodb.leakage import leakage as run_leakage, write_ids
 
@@ -50,7 +49,7 @@ def leakage(
     with out.progress("leakage", unit="chunks") as progress:
         report = run_leakage(db, files, k=k, ef=ef, dedup=dedup, at=at, text_field=text_field, progress=progress)
     for issue in report.issues:
-        out.warn(f"skipped {escape(issue)}")
+        out.warn(f"skipped {issue}")
     written = write_ids(out_ids, report.duplicates) if out_ids is not None else None
     summary = report.summary(top)
     if written is not None:
@@ -62,29 +61,27 @@ def leakage(
         return
     show_report(out, report, summary, db, k, top)
     if written is not None:
-        out.say(f"wrote {written} document id(s) to {escape(str(out_ids))}; remove them with: "
-                f"retrodb delete {escape(str(db))} --ids-file {escape(str(out_ids))}")
+        out.say(Text(f"wrote {written} document id(s) to {out_ids}; remove them with: "
+                     f"retrodb delete {db} --ids-file {out_ids}"))
 
 
 def show_report(out: Output, report, summary: dict, db, k: int, top: int) -> None:
-    """Per-file bucket table, the most leaked chunks as wrapped blocks, the near-duplicates (data escaped)."""
-    from rich.markup import escape
-    from rich.text import Text
+    """Per-file bucket table, the most leaked chunks as wrapped blocks, the near-duplicates (data as text)."""
 
     from retrodb.overlap import BUCKETS
 
     def row(name: str, s: dict) -> list:
         return [name, s["chunks"], *s["buckets"].values(), f"{s['share_bytes_r_above_half']:.1%}"]
 
-    rows = [row(escape(label(f)), s) for f, s in summary["files"].items()]
+    rows = [row(label(f), s) for f, s in summary["files"].items()]
     o = summary["overall"]
-    rows.append(row("[bold]all[/]", o))
+    rows.append(row("all", o))
     out.table(["file", "chunks", *[b.replace("<=", "≤") for _, b in BUCKETS], "bytes r>.5"], rows,
-              title=f"r(C) of {o['chunks']:,} evaluation chunks against {escape(str(db))} @ v{report.version} "
+              title=f"r(C) of {o['chunks']:,} evaluation chunks against {db} @ v{report.version} "
                     f"(k={k})")
     leaked = report.most_leaked(top)
     if leaked:
-        out.say("[bold]most leaked chunks[/]")
+        out.say(Text("most leaked chunks", style="bold"))
     for c in leaked:
         head = Text(f"r={c.r:.3f}", style="bold yellow")
         head.append(f" ({c.run}/{c.tokens} tokens)  ")
@@ -97,7 +94,7 @@ def show_report(out: Output, report, summary: dict, db, k: int, top: int) -> Non
     if report.duplicates is not None:
         if report.duplicates:
             out.table(["doc_id", "near-duplicate of", "Jaccard"],
-                      [[escape(d.doc_id), escape(label(d.file)), f"{d.jaccard:.3f}"] for d in report.duplicates],
+                      [[d.doc_id, label(d.file), f"{d.jaccard:.3f}"] for d in report.duplicates],
                       title=f"{len(report.duplicates)} database document(s) nearly duplicate an evaluation text "
                             "(MinHash over 13-grams, Jaccard ≥ 0.8)")
         else:

@@ -1,13 +1,16 @@
 """`retrodb`: entry point. Registers one module per command group and maps errors to exit codes.
 
 Exit codes: 0 success, 1 a known error (message on stderr, no traceback),
-2 usage error. RETRODB_DEBUG=1 shows tracebacks.
+2 usage error. An OSError (disk full, permission denied) and a database file
+that cannot be decoded are known errors too: one line naming the file, and
+for a damaged file the `verify` to run. RETRODB_DEBUG=1 shows tracebacks.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -26,6 +29,7 @@ from . import neighbours as neighbours_commands
 from . import model as model_commands
 from . import query as query_commands
 from . import redact as redact_commands
+from . import serve as serve_commands
 from . import verify as verify_commands
 
 HELP = """Build, edit and query the retrieval database of a RETRO model.
@@ -45,6 +49,7 @@ HELP = """Build, edit and query the retrieval database of a RETRO model.
   retrodb leakage my-db eval.txt --dedup  # how much of an evaluation text the database holds
   retrodb eval my-db held-out.txt         # bits per byte with and without retrieval (bundled model)
   retrodb generate my-db "def parse("     # retrieves for each chunk as the text grows
+  retrodb serve my-db                     # neighbour debugger at http://127.0.0.1:8750/
 """
 
 app = typer.Typer(
@@ -56,6 +61,20 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+def _print_version(value: bool) -> None:
+    if value:
+        from retrodb import __version__
+
+        print(f"retrodb {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    pass
+
+
 db_commands.register(app)
 ingest_commands.register(app)
 embed_commands.register(app)
@@ -67,11 +86,16 @@ verify_commands.register(app)
 neighbours_commands.register(app)
 leakage_commands.register(app)
 model_commands.register(app)
+serve_commands.register(app)
+
+
+def _error(message: str, hint: str | None = None) -> None:
+    print(f"error: {message}" + (f"\n  hint: {hint}" if hint else ""), file=sys.stderr)
 
 
 def run(argv: list[str]) -> int:
     """Run the CLI on `argv`; returns the exit code instead of exiting (tests call this)."""
-    from retrodb.errors import RetrodbError
+    from retrodb.errors import RetrodbError, UsageError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -89,16 +113,27 @@ def run(argv: list[str]) -> int:
     except RetrodbError as exc:
         if os.environ.get("RETRODB_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        _error(exc.message, exc.hint)
+        return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # the operating system refused: disk full, permission denied, ...
+        if os.environ.get("RETRODB_DEBUG") or exc.errno is None:
+            raise
+        _error(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        return 1
     except Exception as exc:  # a bug: say so, and how to see the traceback
         if os.environ.get("RETRODB_DEBUG"):
             raise
+        from retrodb.database import undecodable
+
+        damaged = undecodable(exc, None, argv[0] if argv else "retrodb")
+        if damaged is not None:
+            _error(damaged.message, damaged.hint)
+            return 1
         print(f"internal error: {type(exc).__name__}: {exc}\n  rerun with RETRODB_DEBUG=1 for the traceback, "
               "and please report it", file=sys.stderr)
         return 1

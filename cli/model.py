@@ -164,7 +164,7 @@ def eval_(
     rows.append(["all", "", f"{result['tokens']:,}", f"{result['bytes']:,}", _num(result["bpb"]),
                  _num(result["bpb_no_retrieval"])])
     out.table(["file", "doc_id", "tokens", "bytes", "bpb (retrieval)", "bpb (no retrieval)"],
-              [[_escape(str(c)) for c in r] for r in rows], title="bits per byte")
+              rows, title="bits per byte")  # the consoles print data as it is (no markup)
 
 
 def generate(
@@ -213,8 +213,8 @@ def generate(
     if show_neighbours:
         for i, chunk in enumerate(result.chunks):
             out.table(["score", "chunk_id", "doc_id", "neighbour"],
-                      [[f"{n['score']:.4f}", n["chunk_id"], _escape(n["doc_id"]), _escape(_flat(n["text"]))]
-                       for n in chunk.neighbours], title=f"chunk {i}: {_escape(_flat(chunk.text))}")
+                      [[f"{n['score']:.4f}", n["chunk_id"], n["doc_id"], _flat(n["text"])]
+                       for n in chunk.neighbours], title=f"chunk {i}: {_flat(chunk.text)}")
     out.out.print(prompt, style="dim", end="", markup=False, highlight=False)
     out.out.print(result.text, markup=False, highlight=False)
 
@@ -225,12 +225,6 @@ def _num(v) -> str:
 
 def _flat(s: str) -> str:
     return " ".join(s.split())
-
-
-def _escape(s: str) -> str:
-    from rich.markup import escape
-
-    return escape(s)
 
 
 def register(app: typer.Typer) -> None:

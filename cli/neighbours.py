@@ -39,8 +39,8 @@ def neighbours(
       retrodb neighbours my-db --refresh            # after many adds: recompute everything
       retrodb sql my-db "SELECT * FROM neighbours WHERE rank <= 2 LIMIT 6"
     """
-    from retrodb.neighbours import compute_neighbours, describe, status
     import retrodb
+    from retrodb.neighbours import compute_neighbours, describe, status
 
     out = Output(fmt.value)
     with out.progress("neighbours", unit="chunks") as progress:

@@ -53,19 +53,19 @@ def verify(
         for f in report.findings:  # data (paths, document ids) as Text: never markup
             where = f" ({f.path})" if f.path else ""
             if f.level == "error":
-                out.err.print(Text.assemble(("error", "red"), f" [{f.check}] {f.message}{where}"), highlight=False)
+                out.error(f"[{f.check}] {f.message}{where}")
             elif f.level == "info":
-                out.out.print(Text(f"note [{f.check}] {f.message}{where}"), highlight=False)
+                out.say(Text(f"note [{f.check}] {f.message}{where}"))
             else:
-                out.err.print(Text.assemble(("warning:", "yellow"), f" [{f.check}] {f.message}{where}"),
-                              highlight=False)
+                out.warn(f"[{f.check}] {f.message}{where}")
         if check and check.summary:
             s = check.summary
             out.say(Text(f"absent: searched {s['files']:,} file(s) ({s['bytes']:,} bytes) for {s['texts']} text(s)"
                          f"{' in any case' if ignore_case else ''} as {' and '.join(s['kinds'])}: "
                          + ("none found" if not s["found"] else f"{s['found']:,} found")))
         status = "OK" if report.ok else f"FAILED: {len(report.errors)} error(s)"
-        out.say(Text(f"{db} @ v{report.version}: {status}; {report.segments} segments, {report.files} files, "
+        at = f"v{report.version}" if report.version >= 0 else "no readable current snapshot"
+        out.say(Text(f"{db} @ {at}: {status}; {report.segments} segments, {report.files} files, "
                      f"{report.bytes:,} bytes checked ({'sizes' if quick else 'sha256'}), "
                      f"{len(report.warnings)} warning(s), {report.seconds:.1f}s"))
     if not report.ok:

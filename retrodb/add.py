@@ -23,9 +23,10 @@ from pathlib import Path
 
 from . import faults, tombstones
 from .database import Database
-from .errors import RetrodbError
-from .ingest import IngestOptions, IngestReport, job_key, stage_sources
-from .readers import ReadOptions, plan_pieces
+from .errors import UsageError
+from .ingest import IngestOptions, IngestReport, check_something_ingested, job_key, stage_sources
+from .readers import plan_pieces
+from .stages.base import merge_result, segment_unit
 
 
 @dataclass
@@ -52,10 +53,10 @@ def add(root: str | Path, sources: list[str], opts: IngestOptions | None = None,
     opts = opts or IngestOptions()
     opts.check()
     if not sources:
-        raise RetrodbError("nothing to add: give at least one file, folder, or - for stdin")
+        raise UsageError("nothing to add: give at least one file, folder, or - for stdin")
     started = time.perf_counter()
     db = Database(root)
-    pieces, plan_issues = plan_pieces(sources, opts.fmt, opts.segment_bytes, ReadOptions(opts.text_field, opts.id_field))
+    pieces, plan_issues = plan_pieces(sources, opts.fmt, opts.segment_bytes)
     job = "add-" + hashlib.sha256(f"{job_key(sources, pieces, opts, db.config)}:{replace}".encode()).hexdigest()[:16]
     with db.writer("add", wait=wait, keep_job=job) as w:
         embedder, index_builder = segment_finishers(w.base.config, device, batch_size)
@@ -64,6 +65,7 @@ def add(root: str | Path, sources: list[str], opts: IngestOptions | None = None,
         if not staged.entries:  # nothing new (everything skipped): no commit
             shutil.rmtree(staged.job_dir, ignore_errors=True)
             report.seconds = time.perf_counter() - started
+            check_something_ingested(staged.report, sources)
             return report
         report.embedded_chunks, report.indexed_segments = finish_segments(
             w, staged.job_dir, staged.entries, embedder, index_builder)
@@ -104,7 +106,7 @@ def finish_segments(w, job_dir: Path, entries: dict[str, dict], embedder, index_
 
         stage = EmbedStage(w.root, embedder, job_dir)  # partial keys resume from the job dir
         for name, entry in sorted(entries.items()):
-            entry["files"]["keys"] = stage.run((name, entry))["record"]
+            merge_result(entries, stage.run(segment_unit(name, entry)))
             embedded += entry["chunks"]
         faults.point("add.embedded")
     if embedder is not None and index_builder is not None:

@@ -30,13 +30,33 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path) -> Path:
+    """mkdir -p, fsyncing the parent of every directory it creates: after a power loss, a committed
+    manifest never names a file in a directory whose own entry was lost."""
+    path = Path(path)
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:  # made meanwhile by another process, which fsyncs it
+            continue
+        fsync_dir(d.parent)
+    return path
+
+
 def tmp_path_for(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = tmp_path_for(path)
     with open(tmp, "wb") as f:
         f.write(data)

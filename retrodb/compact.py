@@ -28,9 +28,10 @@ from pathlib import Path
 
 from . import faults
 from .database import Database
-from .errors import RetrodbError
+from .errors import UsageError
 from .executor import make_executor
 from .snapshot import Snapshot, segment_name
+from .stages.base import merge_result
 from .stages.compact import CompactStage
 
 DEFAULT_MIN_DELETED_RATIO = 0.2
@@ -73,9 +74,9 @@ class CompactReport:
 
 def check_options(min_deleted_ratio: float, target_segment_chunks: int) -> None:
     if not 0.0 <= min_deleted_ratio <= 1.0:
-        raise RetrodbError(f"--min-deleted-ratio must be between 0 and 1, not {min_deleted_ratio}")
+        raise UsageError(f"--min-deleted-ratio must be between 0 and 1, not {min_deleted_ratio}")
     if target_segment_chunks < 0:
-        raise RetrodbError("--target-segment-chunks must be 0 (no merging) or positive")
+        raise UsageError("--target-segment-chunks must be 0 (no merging) or positive")
 
 
 def _shape(seg: dict) -> tuple:
@@ -166,7 +167,7 @@ def compact(root: str | Path, min_deleted_ratio: float = DEFAULT_MIN_DELETED_RAT
             for name in g.sources:
                 del data["segments"][name]
         for r in sorted(results, key=lambda r: r["segment"]):
-            data["segments"][segment_name(r["segment"])] = r["entry"]
+            merge_result(data["segments"], r)
             data["next_segment"] = max(data["next_segment"], r["segment"] + 1)
             report.bytes_written += sum(f["bytes"] for f in r["entry"]["files"].values())
             report.resumed_groups += int(r.get("resumed", False))

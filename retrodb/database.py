@@ -1,6 +1,6 @@
 """A database directory: open a snapshot to read, or take the writer lock to commit.
 
-Layout (see ../shared/DESIGN.md):
+Layout (see docs/design.md):
   CURRENT                      name of the current manifest
   manifests/v-NNNNNNNN.json    snapshots
   segments/seg-NNNNNN/         immutable segment files
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 from . import snapshot as snap
-from .atomic import TMP_PREFIX, atomic_write_bytes
-from .errors import ConfigMismatch, DatabaseNotFound, RetrodbError
+from .atomic import TMP_PREFIX, atomic_write_bytes, make_dirs
+from .errors import ConfigMismatch, CorruptDatabase, DatabaseNotFound, RetrodbError, UsageError
 from .lock import WriterLock
 from .snapshot import Snapshot
 
@@ -34,7 +34,7 @@ def default_config(tokenizer_dir: str | Path | None, chunk_size: int) -> dict:
     from .tokenizer import default_lm_tokenizer_dir, tokenizer_info
 
     if chunk_size < 1:
-        raise RetrodbError(f"--chunk-size must be at least 1, not {chunk_size}")
+        raise UsageError(f"--chunk-size must be at least 1, not {chunk_size}")
     info = tokenizer_info(tokenizer_dir or default_lm_tokenizer_dir())
     return {
         "chunk_size": chunk_size,
@@ -62,19 +62,30 @@ class Database:
 
     @classmethod
     def create(cls, root: str | Path, tokenizer: str | Path | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-               exist_ok: bool = False) -> "Database":
+               exist_ok: bool = False, wait: float = 0.0) -> "Database":
+        """Create an empty database at `root` (v0). The directory is checked under the writer lock, so of two
+        concurrent creators one creates and the other finds the database (`exist_ok`) or waits (`wait`)."""
         root = Path(root)
-        if (root / snap.CURRENT).exists():
-            if exist_ok:
-                return cls(root)
+        if root.exists() and not root.is_dir():
+            raise snap.not_a_database(root)
+        if (root / snap.CURRENT).exists() and not exist_ok:
             raise RetrodbError(f"{root} is already a retrodb database", hint=f"inspect it with: retrodb stats {root}")
-        if root.exists() and any(p for p in root.iterdir() if p.name != snap.MANIFESTS):
-            raise RetrodbError(f"{root} exists and is not empty; refusing to create a database there")
         config = default_config(tokenizer, chunk_size)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / snap.SEGMENTS).mkdir(exist_ok=True)
-        with WriterLock(root, "init"):
-            if not (root / snap.CURRENT).exists():
+        make_dirs(root)
+        with WriterLock(root, "init", wait=wait):
+            if (root / snap.CURRENT).exists():
+                if not exist_ok:
+                    raise RetrodbError(f"{root} is already a retrodb database",
+                                       hint=f"inspect it with: retrodb stats {root}")
+            else:  # only what an interrupted create leaves may be there: LOCK, empty segments/, manifest v0
+                leftovers = {snap.SEGMENTS: set(), snap.MANIFESTS: {snap.manifest_name(0)}}
+                other = sorted(p.name for p in root.iterdir() if p.name != "LOCK" and (
+                    p.name not in leftovers or not p.is_dir()
+                    or any(not (q.name in leftovers[p.name] or q.name.startswith(TMP_PREFIX)) for q in p.iterdir())))
+                if other:
+                    raise RetrodbError(f"{root} exists and is not empty ({', '.join(other[:5])}); refusing to create a "
+                                       "database there", hint="give a new or empty directory")
+                make_dirs(root / snap.SEGMENTS)
                 snap.write_snapshot(root, {
                     "version": 0, "parent": None, "command": "init", "config": config,
                     "next_segment": 1, "segments": {}, "pending": {},
@@ -82,14 +93,15 @@ class Database:
         return cls(root)
 
     @classmethod
-    def open_or_create(cls, root: str | Path, tokenizer=None, chunk_size: int = DEFAULT_CHUNK_SIZE) -> "Database":
+    def open_or_create(cls, root: str | Path, tokenizer=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                       wait: float = 0.0) -> "Database":
         root = Path(root)
-        if (root / snap.CURRENT).exists():
-            db = cls(root)
-            if tokenizer is not None:
-                db.check_tokenizer(tokenizer)
-            return db
-        return cls.create(root, tokenizer, chunk_size)
+        if not (root / snap.CURRENT).exists():
+            cls.create(root, tokenizer, chunk_size, exist_ok=True, wait=wait)
+        db = cls(root)
+        if tokenizer is not None:
+            db.check_tokenizer(tokenizer)
+        return db
 
     def check_tokenizer(self, tokenizer: str | Path) -> None:
         from .tokenizer import tokenizer_info
@@ -114,8 +126,8 @@ class Database:
         return self.snapshot.config
 
     def log(self) -> list[dict]:
-        """Every retained snapshot, oldest first, and the snapshots redactions purged (version, time, command,
-        `purged`: True; no content)."""
+        """Every retained committed snapshot, oldest first (an interrupted commit's manifest is not one), and the
+        snapshots redactions purged (version, time, command, `purged`: True; no content)."""
         from .redact import purged_versions
 
         out = []
@@ -138,6 +150,12 @@ class Database:
 
     def current_version(self) -> int:
         return snap.current_version(self.root)
+
+    def refresh(self) -> "Database":
+        """Move this handle to the current snapshot (a long-lived reader sees later commits). What the handle's
+        queries loaded stays cached for the files the new snapshot still uses, and only for those."""
+        self.snapshot = snap.read_current(self.root)
+        return self
 
     def stats(self) -> dict:
         s = self.snapshot
@@ -177,6 +195,8 @@ class Database:
 
         from .sql import run_query
 
+        if not query.strip():
+            raise UsageError("empty SQL query", hint=f'retrodb sql {self.root} "SELECT count(*) FROM documents"')
         try:
             return run_query(self.snapshot, query)
         except duckdb.IOException:
@@ -220,10 +240,18 @@ class Database:
     @contextmanager
     def writer(self, command: str, wait: float = 0.0, keep_job: str | None = None) -> Iterator["Writer"]:
         """Hold the writer lock, clean leftovers of interrupted commands, and commit through the yielded Writer."""
-        with WriterLock(self.root, command, wait=wait) as lock:
-            w = Writer(self, command, lock)
-            w.cleanup(keep_job)
-            yield w
+        try:
+            with WriterLock(self.root, command, wait=wait) as lock:
+                w = Writer(self, command, lock)
+                w.cleanup(keep_job)
+                yield w
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno is not None:  # disk full, permission denied, read-only, ...
+                raise write_failed(exc, self.root, command) from exc
+            damaged = undecodable(exc, self.root, command)
+            if damaged is None:
+                raise
+            raise damaged from exc
         self.snapshot = snap.read_current(self.root)
 
 
@@ -238,9 +266,7 @@ class Writer:
         self.base = snap.read_current(self.root)
 
     def work_dir(self, job: str) -> Path:
-        path = self.root / WORK / job
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return make_dirs(self.root / WORK / job)
 
     def segment_dir(self, number: int) -> Path:
         return self.root / snap.SEGMENTS / snap.segment_name(number)
@@ -262,7 +288,7 @@ class Writer:
                 removed.extend(self._remove_tracked(job))
                 shutil.rmtree(job, ignore_errors=True)
                 removed.append(str(job))
-        for v in snap.retained_versions(self.root):
+        for v in snap.manifest_versions(self.root):
             if v > self.base.version:
                 (self.root / snap.MANIFESTS / snap.manifest_name(v)).unlink(missing_ok=True)
                 removed.append(f"manifest v{v}")
@@ -328,6 +354,48 @@ def _neighbours_status(snapshot: Snapshot) -> dict:
     return status(snapshot)
 
 
+class WriteFailed(RetrodbError):
+    """The operating system refused a write (disk full, permission denied): nothing half-done is visible."""
+
+
+def write_failed(exc: OSError, root: Path, command: str) -> WriteFailed:
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    try:
+        state = f"the database stays at its last commit, v{snap.current_version(root)}"
+    except RetrodbError:
+        state = "no database was created"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "free some disk space, then rerun the same command: it resumes where it stopped"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = f"check that you may write to {root} and everything in it"
+    else:
+        hint = "fix the cause, then rerun the same command: it resumes where it stopped"
+    return WriteFailed(f"{command} stopped: {exc.strerror or exc}{where}; {state}", hint=hint)
+
+
+def undecodable(exc: Exception, root: Path | None, command: str) -> CorruptDatabase | None:
+    """A CorruptDatabase for a pyarrow or DuckDB failure to decode a database file (None for other errors),
+    naming the file where the library's message does (and the database, from it, when `root` is None)."""
+    import re
+
+    library = type(exc).__module__.split(".")[0] in ("pyarrow", "duckdb", "_duckdb")
+    if not library and not (isinstance(exc, OSError) and exc.errno is None):  # pyarrow raises bare OSErrors
+        return None
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    m = re.search(r"(\S*?)/?(segments/seg-\d+/[\w.-]+\.(?:parquet|npy|hnsw))", text)  # not DuckDB's LINE context
+    if root is None and m and m.group(1):
+        root = Path(m.group(1))
+    what = f"cannot read {m.group(2)}" if m else "a database file cannot be decoded"
+    try:
+        state = f"; the database stays at its last commit, v{snap.current_version(root)}" if root else ""
+    except RetrodbError:
+        state = ""
+    return CorruptDatabase(f"{command} stopped: {what}: {text}{state}",
+                           hint=f"run: retrodb verify {root or 'DB'}" + ("" if m else "  (it names the damaged file)"))
+
+
 def _tracking_job(version: int) -> str:
     return f"commit-v{version:08d}"
 
@@ -341,6 +409,4 @@ def _read_json(path: Path):
 
 def open(root: str | Path, at: int | None = None) -> Database:  # noqa: A001 - mirrors retrodb.open
     """Open the database at `root` (current snapshot, or version `at`)."""
-    if not (Path(root) / snap.CURRENT).exists() and not Path(root).exists():
-        raise DatabaseNotFound(f"no retrodb database at {root}", hint=f"create it with: retrodb init {root}")
     return Database(root, at)

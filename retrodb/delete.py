@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import tombstones
 from .database import Database
-from .errors import BadOption, RetrodbError
+from .errors import BadOption, RetrodbError, UsageError
 from .snapshot import Snapshot
 
 PLAN_COLUMNS = "segment, doc_id, first_chunk_id, num_chunks, num_tokens"
@@ -107,13 +107,13 @@ def plan_delete(snapshot: Snapshot, doc_ids: list[str] | None = None, where: str
     from .sql import connect_readonly
 
     if (doc_ids is None) == (where is None):
-        raise RetrodbError("say what to delete: --doc-id/--ids-file, or --where (not both)")
+        raise UsageError("say what to delete: --doc-id/--ids-file, or --where (not both)")
     con = connect_readonly(snapshot)
     try:
         if doc_ids is not None:
             wanted = list(dict.fromkeys(doc_ids))
             if not wanted:
-                raise RetrodbError("no document ids given")
+                raise UsageError("no document ids given")
             con.register("wanted", pa.table({"doc_id": pa.array(wanted, pa.string())}))
             rows = con.sql(f"SELECT {PLAN_COLUMNS} FROM documents WHERE doc_id IN (SELECT doc_id FROM wanted) "
                                "ORDER BY segment, first_chunk_id").to_arrow_table().to_pylist()

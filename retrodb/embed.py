@@ -30,6 +30,8 @@ from .database import open as open_database
 from .embedder import DEFAULT_MAX_LENGTH, check_identity, embedder_for, load_embedder, same_identity
 from .errors import MissingStage, RetrodbError
 from .executor import LocalExecutor, run_keeping_finished
+from .snapshot import segment_name
+from .stages.base import merge_result, segment_unit
 from .stages.embed import EmbedStage, keys_file_name
 
 COMMIT_EVERY_S = 60.0  # commit finished segments at least this often...
@@ -131,8 +133,8 @@ def _run(w: Writer, job: str, embedder, ident: dict, todo: list, new_identity: b
                     seg["files"].pop("neighbours", None)  # computed from the old keys
                     seg.pop("neighbours", None)
             data["config"]["embedder"] = ident
-        for name, record in pending.items():
-            data["segments"][name]["files"]["keys"] = record
+        for res in pending.values():
+            merge_result(data["segments"], res)
         faults.point("embed.before_commit")
         w.commit(data)
         w.write_json(work / "plan.json", {"base_version": w.base.version, "identity": ident})
@@ -143,9 +145,9 @@ def _run(w: Writer, job: str, embedder, ident: dict, todo: list, new_identity: b
         last_commit = time.monotonic()
 
     def on_result(result: dict) -> None:
-        pending[result["segment"]] = result["record"]
+        pending[segment_name(result["segment"])] = result
         report.chunks += result["chunks"]
-        report.resumed_chunks += result["resumed"]
+        report.resumed_chunks += result["resumed_chunks"]
         if len(pending) >= commit_every_segments or time.monotonic() - last_commit >= commit_every_s:
             commit()
 
@@ -158,7 +160,8 @@ def _run(w: Writer, job: str, embedder, ident: dict, todo: list, new_identity: b
     if progress is not None:
         progress({"total": sum(s["chunks"] for _, s in todo)})
     stage = EmbedStage(w.root, embedder, work)
-    run_keeping_finished(LocalExecutor(workers=1), stage, todo, on_result, on_progress, pending, commit)
+    run_keeping_finished(LocalExecutor(workers=1), stage, [segment_unit(n, s) for n, s in todo], on_result,
+                         on_progress, pending, commit)
     if pending or new_identity:
         commit()
     shutil.rmtree(work, ignore_errors=True)

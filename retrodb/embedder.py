@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigMismatch, MissingStage, RetrodbError
+from .errors import ConfigMismatch, MissingStage, RetrodbError, UsageError
 
 DEFAULT_MAX_LENGTH = 128  # BERT tokens per chunk, [CLS] and [SEP] included; a 64-token chunk needs about 66
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -69,11 +69,63 @@ def _tokenize_window(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def weights_sha256(directory: Path) -> str:
-    """sha256 over the weight files of a model directory (safetensors or PyTorch bins), in name order."""
+    """sha256 over the weight files of a model directory (safetensors or PyTorch bins), in name order.
+
+    Hashing reads every weight byte (118 ms for MiniLM's 86 MB, seconds for bert-large), and every `query` process
+    needs the identity: the digest is cached, in this process and on disk (`cache_dir()`), keyed by each
+    file's name, size, inode, mtime and ctime; a file that changes in any of them is hashed again.
+    """
     files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     if not files:
         raise RetrodbError(f"no model weights (*.safetensors or *.bin) in {directory}",
                            hint="pass --model DIR with a local Hugging Face BERT directory")
+    stats = [(p.name, (st := p.stat()).st_size, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns) for p in files]
+    key = hashlib.sha256(json.dumps([str(directory.resolve()), stats]).encode()).hexdigest()
+    cached = _IDENTITIES.get(key) or _read_identity_cache().get(key)
+    if cached:
+        _IDENTITIES[key] = cached
+        return cached
+    digest = _hash_files(files)
+    _IDENTITIES[key] = digest
+    _write_identity_cache(key, digest)
+    return digest
+
+
+_IDENTITIES: dict[str, str] = {}  # this process's weights digests, by the key of weights_sha256
+IDENTITY_CACHE_ENTRIES = 64
+
+
+def cache_dir() -> Path:
+    """Where retrodb keeps caches that belong to no database: $RETRODB_CACHE_DIR, else $XDG_CACHE_HOME/retrodb,
+    else ~/.cache/retrodb."""
+    if os.environ.get("RETRODB_CACHE_DIR"):
+        return Path(os.environ["RETRODB_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "retrodb"
+
+
+def _read_identity_cache() -> dict:
+    try:
+        data = json.loads((cache_dir() / "weights-sha256.json").read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_identity_cache(key: str, digest: str) -> None:
+    """Best effort: a cache that cannot be written (read-only home) only costs the next process a hash."""
+    from .atomic import atomic_write_bytes
+
+    data = _read_identity_cache()
+    data.pop(key, None)
+    data[key] = digest
+    data = dict(list(data.items())[-IDENTITY_CACHE_ENTRIES:])
+    try:
+        atomic_write_bytes(cache_dir() / "weights-sha256.json", json.dumps(data).encode())
+    except OSError:
+        pass
+
+
+def _hash_files(files: list[Path]) -> str:
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
@@ -109,7 +161,7 @@ class HashEmbedder:
 
     def __init__(self, dim: int = 64, max_length: int = DEFAULT_MAX_LENGTH):
         if dim < 2:
-            raise RetrodbError("hash embedder dimension must be at least 2 (hash:64)")
+            raise UsageError("hash embedder dimension must be at least 2 (hash:64)")
         self.dim = dim
         self.max_length = max_length
         self.device = "cpu"
@@ -180,13 +232,13 @@ class BertEmbedder:
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str = "auto",
                  max_length: int = DEFAULT_MAX_LENGTH, batch_size: int | None = None):
         if device not in DEVICES:
-            raise RetrodbError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+            raise UsageError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
         if dtype not in DTYPES:
-            raise RetrodbError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+            raise UsageError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         if max_length < 3:
-            raise RetrodbError(f"--max-length must be at least 3 BERT tokens, not {max_length}")
+            raise UsageError(f"--max-length must be at least 3 BERT tokens, not {max_length}")
         if batch_size is not None and batch_size < 1:
-            raise RetrodbError(f"--batch-size must be at least 1, not {batch_size}")
+            raise UsageError(f"--batch-size must be at least 1, not {batch_size}")
         self.path = Path(model_dir).expanduser().resolve()
         if not self.path.is_dir():
             raise RetrodbError(f"model directory {self.path} does not exist",
@@ -364,6 +416,10 @@ class BertEmbedder:
             return max(0, int(env))
         if self.device == "cpu":
             return 0
+        from .executor import main_reruns_caller
+
+        if main_reruns_caller():  # spawned processes would re-run the caller's script (see executor.py)
+            return 0
         return max(0, min(ACCEL_TOKENIZE_PROCS, (os.cpu_count() or 1) - 2))
 
     def _pool(self):
@@ -487,7 +543,7 @@ def load_embedder(model: str | Path | None = None, device: str = "auto", dtype: 
         try:
             dim = int(str(model)[len(HASH_PREFIX):])
         except ValueError:
-            raise RetrodbError(f"bad hash embedder {model!r}; use hash:DIM, e.g. hash:64") from None
+            raise UsageError(f"bad hash embedder {model!r}; use hash:DIM, e.g. hash:64") from None
         return HashEmbedder(dim, max_length)
     if model is None:
         from .tokenizer import default_model_dir

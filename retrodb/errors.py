@@ -2,8 +2,10 @@
 
 Every error retrodb raises on purpose is a `RetrodbError` carrying a one-line
 message and, where there is one, the command or flag that fixes it. The CLI
-prints these without a traceback (exit 1); anything else is a bug and keeps
-its traceback under RETRODB_DEBUG=1.
+prints these without a traceback (exit 1; `UsageError` exits 2, as a bad
+option does); an OSError the library did not expect (disk full, permission
+denied) is printed the same way, with the file and the database's state;
+anything else is a bug and keeps its traceback under RETRODB_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ class RetrodbError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class UsageError(RetrodbError):
+    """Options or arguments that do not go together, or a value an option does not take (exit 2)."""
 
 
 class DatabaseNotFound(RetrodbError):
@@ -62,7 +68,7 @@ def require(module: str, extra: str):
         ) from exc
 
 
-class BadOption(RetrodbError):
+class BadOption(UsageError):
     """A command-line value that cannot work (an RE2-invalid --regex, a --where that is not one boolean
     expression): the CLI reports it as a usage error (exit 2) naming `option`."""
 

@@ -3,15 +3,26 @@
 They bound the number of units in flight (memory stays flat however many
 units there are), pass each result to `on_result` as it arrives, and route
 the stage's progress reports to `on_progress`.
+
+Worker processes are spawned, and a spawned process re-runs the top-level
+code of the main script. A script that calls retrodb at its top level
+without `if __name__ == "__main__":` would have every worker start the same
+command again (and fail on the writer lock). `main_reruns_caller` spots that
+case from the call stack, and the pool is then not used: the work runs in
+this process, with a warning that says how to get the workers back.
 """
 
 from __future__ import annotations
 
+import ast
 import multiprocessing as mp
 import os
 import queue
+import sys
 import threading
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from functools import lru_cache
 from typing import Callable, Iterable
 
 from .errors import require
@@ -41,6 +52,57 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def main_reruns_caller() -> str | None:
+    """The main script's path if a spawned worker would re-run the code that is calling us now (top-level code
+    of the script, outside `if __name__ == "__main__":`), else None."""
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    path = getattr(main, "__file__", None)
+    if path is None or (name is not None and (name == "__main__" or name.endswith(".__main__"))):
+        return None  # interactive, -c, or a package's __main__: multiprocessing does not re-run it
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>"):
+        frame = frame.f_back
+    if frame is None:
+        return None  # not called while the main script's top level runs
+    return None if frame.f_lineno in _guarded_lines(os.path.abspath(path)) else path
+
+
+@lru_cache(maxsize=4)
+def _guarded_lines(path: str) -> frozenset[int]:
+    """Line numbers of a script that are inside a top-level `if __name__ == "__main__":` block."""
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return frozenset()
+    lines: set[int] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and _is_main_test(node.test):
+            for stmt in node.body:
+                lines.update(range(stmt.lineno, (stmt.end_lineno or stmt.lineno) + 1))
+    return frozenset(lines)
+
+
+def _is_main_test(test: ast.expr) -> bool:
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides) and \
+        any(isinstance(s, ast.Constant) and s.value == "__main__" for s in sides)
+
+
+def spawn_is_safe(workers: int) -> bool:
+    """False (with a warning) when spawned workers would re-run the caller's unguarded top-level code."""
+    script = main_reruns_caller()
+    if script is None:
+        return True
+    warnings.warn(f"retrodb runs in this process instead of {workers} worker processes: {script} calls it at "
+                  "its top level, which each worker process would run again; put the call under "
+                  "`if __name__ == \"__main__\":` to use the workers", RuntimeWarning, stacklevel=3)
+    return False
+
+
 class LocalExecutor:
     """A process pool on this machine; `workers=1` runs inline in this process."""
 
@@ -49,7 +111,7 @@ class LocalExecutor:
 
     def run(self, stage: Stage, units: Iterable, on_result: Callback | None = None,
             on_progress: Callback | None = None) -> list[dict]:
-        if self.workers == 1:
+        if self.workers == 1 or not spawn_is_safe(self.workers):
             stage.set_reporter(on_progress)
             try:
                 results = []

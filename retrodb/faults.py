@@ -3,24 +3,36 @@
 `point(name)` is called at the moments a crash could hurt (after a segment
 file, between manifest and CURRENT, ...). With RETRODB_KILL_AT="name" (or
 "name#N" for its Nth hit in this process) the process SIGKILLs itself there,
-exactly as a kill -9 would. Unset, it costs one dict lookup.
+exactly as a kill -9 would. With RETRODB_FAIL_AT="name=ENOSPC" (any errno
+name, optionally "name#N=..."), it raises that OSError there instead, as a
+full disk or a denied permission would. Unset, it costs one dict lookup.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
 _hits: dict[str, int] = {}
 
 
-def point(name: str) -> None:
-    target = os.environ.get("RETRODB_KILL_AT")
-    if not target:
-        return
+def _due(target: str, name: str) -> bool:
     want, _, nth = target.partition("#")
     if want != name:
-        return
-    _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] >= int(nth or 1):
+        return False
+    key = f"{name}#{target}"
+    _hits[key] = _hits.get(key, 0) + 1
+    return _hits[key] >= int(nth or 1)
+
+
+def point(name: str) -> None:
+    kill = os.environ.get("RETRODB_KILL_AT")
+    fail = os.environ.get("RETRODB_FAIL_AT")
+    if kill and _due(kill, name):
         os.kill(os.getpid(), signal.SIGKILL)
+    if fail:
+        target, _, code = fail.partition("=")
+        if _due(target, name):
+            number = getattr(errno, code or "EIO")
+            raise OSError(number, os.strerror(number), f"<{name}>")

@@ -19,6 +19,8 @@ from . import faults
 from .database import Database
 from .errors import ConfigMismatch, MissingStage
 from .executor import make_executor
+from .snapshot import segment_name
+from .stages.base import merge_result, segment_unit
 from .stages.index import DEFAULT_PARAMS, IndexStage, check_params, index_is_current
 
 DEFAULT_COMMIT_EVERY = 16  # segments per commit: a crash loses at most this many builds
@@ -47,7 +49,7 @@ def build_segment_index(root: Path, seg_name: str, seg: dict, params: dict, thre
     The file goes into the segment directory under a name of its own (temporary
     name, then publish); the caller records it in the segment's files and commits.
     """
-    return IndexStage(Path(root), params, threads).run((seg_name, seg))["record"]
+    return IndexStage(Path(root), params, threads).run(segment_unit(seg_name, seg))["entry"]["files"]["index"]
 
 
 def requested_params(recorded: dict | None, space: str | None, M: int | None, ef_construction: int | None,
@@ -95,15 +97,16 @@ def index(root: str | Path, *, space: str | None = None, M: int | None = None, e
         def commit() -> None:
             data = w.base.derive("index")
             data["config"]["index"] = params
-            for name, record in pending.items():
-                data["segments"][name]["files"]["index"] = record
+            for res in pending.values():
+                merge_result(data["segments"], res)
             faults.point("index.before_commit")
             w.commit(data)
             pending.clear()
 
         def on_result(result: dict) -> None:
-            pending[result["segment"]] = result["record"]
-            report.segments.append(result["segment"])
+            name = segment_name(result["segment"])
+            pending[name] = result
+            report.segments.append(name)
             report.chunks += result["chunks"]
             report.resumed_segments += int(result["resumed"])
             if len(pending) >= commit_every:
@@ -111,7 +114,8 @@ def index(root: str | Path, *, space: str | None = None, M: int | None = None, e
 
         stage = IndexStage(w.root, params, threads)
         on_progress = (lambda c: progress({**c, "advance": c.get("chunks", 0)})) if progress is not None else None
-        make_executor(executor, 1, ray_address).run(stage, todo, on_result=on_result, on_progress=on_progress)
+        make_executor(executor, 1, ray_address).run(stage, [segment_unit(n, s) for n, s in todo],
+                                                    on_result=on_result, on_progress=on_progress)
         if pending or recorded != params:
             commit()
         report.version = w.base.version

@@ -3,7 +3,14 @@
 Resumable: the job is keyed by its inputs and options; each finished segment
 leaves a marker under `_work/<job>/`, so a rerun of the same command after a
 crash skips finished segments and redoes the rest. Nothing is visible before
-the single commit at the end.
+the single commit at the end. Removing duplicate documents from a staged
+segment records its intent in the segment's marker before it rewrites the
+files, so a rerun after a crash in between finishes the rewrite.
+
+Ingesting nothing is an error (`NothingIngested`, exit 1), with what was found
+(the fields of the records, the kinds of skipped files) and what to pass
+instead; an ingest whose every document is already in the database is not
+("nothing new").
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import faults
 from .database import Database, Writer
-from .errors import BadInput, RetrodbError
+from .errors import BadInput, RetrodbError, UsageError
 from .executor import make_executor
-from .readers import FORMATS, Issue, ReadOptions, pack_units, plan_pieces, stdin_units
+from .readers import FORMATS, IGNORED_KINDS, Issue, ReadOptions, pack_units, plan_pieces, stdin_units, unit_size
 from .segment import write_table_file
 from .snapshot import segment_name
 from .stages.ingest import IngestStage
@@ -42,11 +50,11 @@ class IngestOptions:
 
     def check(self) -> None:
         if self.fmt not in FORMATS:
-            raise RetrodbError(f"unknown --format {self.fmt!r}; use one of {', '.join(FORMATS)}")
+            raise UsageError(f"unknown --format {self.fmt!r}; use one of {', '.join(FORMATS)}")
         if self.on_error not in ON_ERROR:
-            raise RetrodbError(f"unknown --on-error {self.on_error!r}; use skip or fail")
+            raise UsageError(f"unknown --on-error {self.on_error!r}; use skip or fail")
         if self.segment_bytes < 1:
-            raise RetrodbError("--segment-bytes must be positive")
+            raise UsageError("--segment-bytes must be positive")
 
 
 @dataclass
@@ -59,6 +67,8 @@ class IngestReport:
     resumed_segments: int = 0
     issue_counts: dict[str, int] = field(default_factory=dict)
     issues: list[dict] = field(default_factory=list)
+    ignored_counts: dict[str, int] = field(default_factory=dict)  # left out by the folder policy, not errors
+    ignored: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -70,6 +80,35 @@ class IngestReport:
         d["skipped"] = self.skipped
         d["tokens_per_s"] = round(self.tokens / self.seconds) if self.seconds else None
         return d
+
+
+class NothingIngested(BadInput):
+    """No document could be read from the sources; `report` says what was found instead."""
+
+    def __init__(self, message: str, hint: str | None, report: IngestReport):
+        super().__init__(message, hint)
+        self.report = report
+
+
+def check_something_ingested(report: IngestReport, sources: list[str]) -> None:
+    """Raise NothingIngested unless a document was ingested or every one was already in the database."""
+    if report.documents or (report.issue_counts and set(report.issue_counts) == {"duplicate-id"}):
+        return
+    shown = ", ".join(sources[:3]) + (" ..." if len(sources) > 3 else "")
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(report.issue_counts.items()))
+    what = f"skipped {counts}" if counts else "found no input file"
+    if report.ignored_counts:
+        what += "; ignored " + ", ".join(f"{n} {k}" for k, n in sorted(report.ignored_counts.items()))
+    fields = sorted({f for i in report.issues for f in i.get("fields") or []})
+    hints = []
+    if fields:
+        hints.append(f"the records have the fields {', '.join(fields[:20])}{' ...' if len(fields) > 20 else ''}: "
+                     "name the one holding the text with --text-field NAME")
+    if report.issue_counts.get("unsupported") or not fields:
+        hints.append("--format text reads every file as plain text")
+    if any(i["message"] == "no such file or folder" for i in report.issues):
+        hints.append("check the paths")
+    raise NothingIngested(f"nothing ingested from {shown}: {what}", "; ".join(hints) or None, report)
 
 
 @dataclass
@@ -102,24 +141,39 @@ def ingest(root: str | Path, sources: list[str], opts: IngestOptions | None = No
     opts = opts or IngestOptions()
     opts.check()
     if not sources:
-        raise RetrodbError("nothing to ingest: give at least one file, folder, or - for stdin")
-    db = Database.open_or_create(root, tokenizer, chunk_size)
+        raise UsageError("nothing to ingest: give at least one file, folder, or - for stdin")
+    pieces, plan_issues = plan_pieces(sources, opts.fmt, opts.segment_bytes)
+    new = not Path(root).exists()
+    db = Database.open_or_create(root, tokenizer, chunk_size, wait=wait)
     started = time.perf_counter()
-    pieces, plan_issues = plan_pieces(sources, opts.fmt, opts.segment_bytes, ReadOptions(opts.text_field, opts.id_field))
     job = job_key(sources, pieces, opts, db.config)
-    with db.writer("ingest", wait=wait, keep_job=job) as w:
-        staged = stage_sources(w, job, pieces, plan_issues, opts, progress=progress, stdin=stdin)
-        version = w.base.version
-        if staged.entries:  # nothing new (all skipped): no empty snapshot
-            data = w.base.derive("ingest")
-            data["segments"].update(staged.entries)
-            data["next_segment"] = staged.next_segment
-            version = w.commit(data).version
-        shutil.rmtree(staged.job_dir, ignore_errors=True)
-    report = staged.report
-    report.version = version
-    report.seconds = time.perf_counter() - started
+    try:
+        with db.writer("ingest", wait=wait, keep_job=job) as w:
+            staged = stage_sources(w, job, pieces, plan_issues, opts, progress=progress, stdin=stdin)
+            version = w.base.version
+            if staged.entries:  # nothing new (all skipped): no empty snapshot
+                data = w.base.derive("ingest")
+                data["segments"].update(staged.entries)
+                data["next_segment"] = staged.next_segment
+                version = w.commit(data).version
+            shutil.rmtree(staged.job_dir, ignore_errors=True)
+        report = staged.report
+        report.version = version
+        report.seconds = time.perf_counter() - started
+        check_something_ingested(report, sources)
+    except BadInput:
+        if new:  # do not leave behind the empty database this call created
+            _remove_if_empty(Path(root))
+        raise
     return report
+
+
+def _remove_if_empty(root: Path) -> None:
+    try:
+        if Database(root).version == 0:
+            shutil.rmtree(root, ignore_errors=True)
+    except RetrodbError:
+        pass
 
 
 def stage_sources(w: Writer, job: str, pieces, plan_issues: list[Issue], opts: IngestOptions, *,
@@ -131,16 +185,16 @@ def stage_sources(w: Writer, job: str, pieces, plan_issues: list[Issue], opts: I
     job_dir = w.work_dir(job)
     config = w.base.config
     first = w.base.data["next_segment"]
-    if pieces and pieces[0].fmt == "lines":  # stdin: units are cut as the stream arrives
+    if pieces and pieces[0].path == "<stdin>":  # stdin: units are cut as the stream arrives
         counter = iter(range(first, 1 << 31))
-        units = stdin_units(stdin or sys.stdin.buffer, opts.segment_bytes, lambda: next(counter))
+        units = stdin_units(stdin or sys.stdin.buffer, opts.segment_bytes, lambda: next(counter), pieces[0].fmt)
         total = None
         planned: list[int] = []
     else:
         unit_list = pack_units(pieces, opts.segment_bytes, first)
         units = unit_list
-        total = sum(u.size for u in unit_list)
-        planned = [u.segment for u in unit_list]
+        total = sum(unit_size(u) for u in unit_list)
+        planned = [u["segment"] for u in unit_list]
     w.write_json(job_dir / "plan.json", {"base_version": w.base.version, "segments": planned})
     if progress is not None and total is not None:
         progress({"total_bytes": total})
@@ -163,10 +217,11 @@ def stage_sources(w: Writer, job: str, pieces, plan_issues: list[Issue], opts: I
         for kind, n in r["issue_counts"].items():
             report.issue_counts[kind] = report.issue_counts.get(kind, 0) + n
         report.issues.extend(r["issues"][: max(0, 1000 - len(report.issues))])
-        if r["documents"]:
-            entries[segment_name(r["segment"])] = {
-                "documents": r["documents"], "chunks": r["chunks"], "tokens": r["tokens"], "files": r["files"],
-            }
+        name = segment_name(r["segment"])
+        if r["entry"]["documents"]:
+            entries[name] = r["entry"]
+        if r.get("dropping"):  # a duplicate removal that a crash interrupted: finish it first
+            _drop_documents(w, job_dir, name, entries, set(r["dropping"]))
     replaced = _deduplicate(w, job_dir, entries, opts, report, replace)
     for e in entries.values():
         report.documents += e["documents"]
@@ -177,11 +232,16 @@ def stage_sources(w: Writer, job: str, pieces, plan_issues: list[Issue], opts: I
 
 
 def _fail_or_count(issue: Issue, opts: IngestOptions, report: IngestReport) -> None:
+    if issue.kind in IGNORED_KINDS:
+        report.ignored_counts[issue.kind] = report.ignored_counts.get(issue.kind, 0) + 1
+        if len(report.ignored) < 1000:
+            report.ignored.append(issue.to_dict())
+        return
     if opts.on_error == "fail":
         raise BadInput(str(issue), hint="fix the input, or pass --on-error skip to skip bad records")
     report.issue_counts[issue.kind] = report.issue_counts.get(issue.kind, 0) + 1
     if len(report.issues) < 1000:
-        report.issues.append({"kind": issue.kind, "where": issue.where, "message": issue.message})
+        report.issues.append(issue.to_dict())
 
 
 def _deduplicate(w: Writer, job_dir: Path, entries: dict[str, dict], opts: IngestOptions,
@@ -233,28 +293,40 @@ def _deduplicate(w: Writer, job_dir: Path, entries: dict[str, dict], opts: Inges
 
 
 def _drop_documents(w: Writer, job_dir: Path, seg: str, entries: dict[str, dict], doc_ids: set[str]) -> None:
-    """Rewrite one staged (uncommitted) segment without `doc_ids`; its other chunk ids are unchanged."""
+    """Rewrite one staged (uncommitted) segment without `doc_ids`; its other chunk ids are unchanged.
+
+    The segment's marker records the ids first, and loses them only once both files are rewritten, so a
+    rerun after a crash in between finishes the job (dropping is idempotent) instead of committing the
+    marker's stale checksums and the chunks of documents that are gone.
+    """
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    entry = entries[seg]
-    ids = pa.array(sorted(doc_ids))
-    for kind in ("documents", "chunks"):
-        path = w.root / entry["files"][kind]["path"]
-        table = pq.read_table(path)
-        table = table.filter(pc.invert(pc.is_in(table["doc_id"], value_set=ids)))
-        if kind == "documents":
-            entry["documents"] = table.num_rows
-            entry["tokens"] = int(pc.sum(table["num_tokens"]).as_py() or 0)
-        else:
-            entry["chunks"] = table.num_rows
-        entry["files"][kind] = write_table_file(w.root, path, table)
     marker = job_dir / f"{seg}.done.json"
-    result = json.loads(marker.read_text())
-    result.update({k: entry[k] for k in ("documents", "chunks", "tokens", "files")})
-    if entry["documents"] == 0:
-        shutil.rmtree(w.segment_dir(int(seg[4:])), ignore_errors=True)
-        del entries[seg]
-        result["files"] = {}
-    w.write_json(marker, result)
+    done = json.loads(marker.read_text())
+    done["dropping"] = sorted(set(done.get("dropping", [])) | doc_ids)
+    w.write_json(marker, done)
+    faults.point("ingest.drop_planned")
+    ids = pa.array(done["dropping"], pa.string())
+    entry = entries.get(seg)
+    directory = w.segment_dir(int(seg[4:]))
+    if entry is not None and (directory / "documents.parquet").exists():
+        for kind in ("documents", "chunks"):
+            path = directory / f"{kind}.parquet"
+            table = pq.read_table(path)
+            table = table.filter(pc.invert(pc.is_in(table["doc_id"], value_set=ids)))
+            if kind == "documents":
+                entry["documents"] = table.num_rows
+                entry["tokens"] = int(pc.sum(table["num_tokens"]).as_py() or 0)
+            else:
+                entry["chunks"] = table.num_rows
+            entry["files"][kind] = write_table_file(w.root, path, table)
+            faults.point(f"ingest.drop_{kind}_written")
+    if entry is None or entry["documents"] == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+        entries.pop(seg, None)
+        entry = {"documents": 0, "chunks": 0, "tokens": 0, "files": {}}
+    done["entry"] = entry
+    del done["dropping"]
+    w.write_json(marker, done)

@@ -105,13 +105,13 @@ def _stats(chunks: list[ChunkLeak]) -> dict:
 def read_texts(sources: list[str], text_field: str = "text") -> tuple[list[tuple[str, str]], list[str]]:
     """(label, text) of every evaluation text in `sources` (files/folders of .txt/.md, JSONL, Parquet), and the
     inputs skipped, as 'where: why'."""
-    from .readers import Document, ReadOptions, WorkUnit, plan_pieces, read_unit
+    from .readers import Document, ReadOptions, plan_pieces, read_unit, unit
 
     if not sources:
         raise RetrodbError("no evaluation text given", hint="retrodb leakage DB FILE...")
     pieces, issues = plan_pieces(sources, "auto", 1 << 30, ReadOptions(text_field=text_field))
     texts, skipped = [], [f"{i.where}: {i.message}" for i in issues]
-    for item in read_unit(WorkUnit(0, pieces), ReadOptions(text_field=text_field)):
+    for item in read_unit(unit(0, pieces), ReadOptions(text_field=text_field)):
         if isinstance(item, Document):
             texts.append((item.source, item.text))
         else:

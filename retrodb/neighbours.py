@@ -546,17 +546,18 @@ def files_naming(root: Path, chunk_ranges) -> set[str]:
     return out
 
 
-def purge(w, chunk_ranges, command: str = "redact") -> list[str]:
+def purge(w, chunk_ranges, command: str = "redact") -> set[str]:
     """Redaction: rewrite every neighbours file of the current snapshot that names a removed chunk (either side)
-    without those rows, and commit. Returns the segments rewritten (none: no commit). Idempotent."""
+    without those rows, and commit (no commit when none does). Returns the files on disk that named them (the
+    old ones, which the snapshots still holding them keep until they are purged). Idempotent."""
     lo, hi = _ranges(chunk_ranges)
     if not len(lo):
-        return []
+        return set()
     dirty = files_naming(w.root, chunk_ranges)
     touched = [n for n, s in sorted(w.base.segments.items())
                if "neighbours" in s["files"] and s["files"]["neighbours"]["path"] in dirty]
     if not touched:
-        return []
+        return dirty
     data = w.base.derive(command)
     for name in touched:
         rec = data["segments"][name]["files"]["neighbours"]
@@ -570,7 +571,7 @@ def purge(w, chunk_ranges, command: str = "redact") -> list[str]:
         data["segments"][name]["files"]["neighbours"] = _rewrite(w.root, [old], final, keep_row)
         faults.point("redact.neighbours_rewritten")
     w.commit(data)
-    return touched
+    return dirty
 
 
 def redacted_ranges(root: Path) -> list[list[int]]:

@@ -10,21 +10,29 @@ chunk rows, document texts and continuations are read for the winners alone,
 from the Parquet row groups whose chunk_id statistics contain them.
 
 A `Searcher` keeps what it loaded (indexes, key memmaps, Parquet metadata)
-for the next query; `Database.query` keeps one per database handle.
+for the next query; `Database.query` keeps one per database handle. Cache
+keys name the files an entry was built from, and an entry goes as soon as
+one of them is no longer in the handle's snapshot (an index loaded with
+one tombstones file is not kept once a delete has replaced that file).
+
+A segment file that cannot be decoded is a CorruptDatabase naming the file
+and pointing to `retrodb verify`, never a bare pyarrow error.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import MissingStage, RetrodbError, require
+from .errors import CorruptDatabase, MissingStage, RetrodbError, UsageError, require
 from .snapshot import Snapshot
 from .stages.index import DEFAULT_PARAMS, open_keys, params_of, read_chunk_ids
 
@@ -68,9 +76,41 @@ class QueryResult:
     chunk_id: int | None = None  # the chunk asked about, for chunk-id queries
 
     def to_dict(self) -> dict:
-        """The JSON form: {"query": ..., "neighbours": [{rank, score, chunk_id, doc_id, position, text,
-        continuation, tokens, continuation_tokens}]}."""
-        return {"query": self.query, "neighbours": [n.to_dict() for n in self.neighbours]}
+        """The JSON form: {"query": ..., ["chunk_id": the chunk asked about, for chunk-id queries,]
+        "neighbours": [{rank, score, chunk_id, doc_id, position, text, continuation, tokens,
+        continuation_tokens}]}."""
+        out = {"query": self.query}
+        if self.chunk_id is not None:
+            out["chunk_id"] = self.chunk_id
+        out["neighbours"] = [n.to_dict() for n in self.neighbours]
+        return out
+
+
+@contextmanager
+def reading(root: Path, path: Path):
+    """Turn a failure to decode a database file into a CorruptDatabase that names it."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        rel = Path(path).relative_to(root).as_posix() if Path(path).is_relative_to(root) else str(path)
+        if not Path(path).exists():
+            raise CorruptDatabase(f"{rel} is gone (vacuumed while this snapshot was being read?)",
+                                  hint=f"reopen the database; run: retrodb verify {root}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptDatabase(f"cannot read {rel}: {first}", hint=f"run: retrodb verify {root}") from None
+
+
+def _reads(attr: str):
+    """Method decorator: failures while reading the file at `self.<attr>` become CorruptDatabase."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def guarded(self, *args, **kwargs):
+            with reading(self.root, getattr(self, attr)):
+                return fn(self, *args, **kwargs)
+        return guarded
+    return wrap
 
 
 @dataclass(frozen=True)
@@ -94,7 +134,8 @@ class _Segment:
         self.lock = threading.Lock()
         self.chunk_path = root / self.files["chunks"]["path"]
         self.doc_path = root / self.files["documents"]["path"]
-        self.chunk_md = pq.read_metadata(self.chunk_path)
+        with reading(root, self.chunk_path):
+            self.chunk_md = pq.read_metadata(self.chunk_path)
         self.rg_min, self.rg_max, self.rg_start = _row_group_ranges(self.chunk_md, "chunk_id")
         self.tomb_lo, self.tomb_hi = self._tombstones()
         self.live = int(seg["chunks"]) - int((self.tomb_hi - self.tomb_lo).sum())
@@ -111,7 +152,8 @@ class _Segment:
         if key not in self.cache:
             import pyarrow.parquet as pq
 
-            t = pq.read_table(self.root / rec["path"], columns=["first_chunk_id", "num_chunks"])
+            with reading(self.root, self.root / rec["path"]):
+                t = pq.read_table(self.root / rec["path"], columns=["first_chunk_id", "num_chunks"])
             lo = t["first_chunk_id"].to_numpy().astype(np.int64)
             hi = lo + t["num_chunks"].to_numpy().astype(np.int64)
             order = np.argsort(lo, kind="stable")
@@ -132,6 +174,7 @@ class _Segment:
             self.cache[key] = open_keys(self.root, self.seg)
         return self.cache[key]
 
+    @_reads("chunk_path")
     def chunk_ids(self) -> np.ndarray:
         if self._ids is None:
             key = ("chunk_ids", self.files["chunks"]["path"])
@@ -140,6 +183,7 @@ class _Segment:
             self._ids = self.cache[key]
         return self._ids
 
+    @_reads("chunk_path")
     def row_of(self, chunk_id: int) -> int | None:
         """Row of `chunk_id` in this segment (row i = key i), read from the one row group that can hold it."""
         import pyarrow.parquet as pq
@@ -168,10 +212,9 @@ class _Segment:
                 try:
                     idx.load_index(str(self.root / rec["path"]))
                 except RuntimeError as exc:
-                    from .errors import CorruptDatabase
-
                     raise CorruptDatabase(f"cannot load index {rec['path']}: {exc}",
-                                          hint="rebuild it: retrodb index DB --rebuild") from None
+                                          hint=f"run: retrodb verify {self.root}; rebuild it: retrodb index "
+                                               f"{self.root} --rebuild") from None
                 for lo, hi in zip(self.tomb_lo.tolist(), self.tomb_hi.tolist()):
                     for label in range(lo, hi):
                         try:
@@ -182,6 +225,7 @@ class _Segment:
             return self.cache[key]
 
     # -- documents
+    @_reads("doc_path")
     def doc_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, object]:
         """(first_chunk_id, num_chunks, argsort of first_chunk_id, row-group starts, metadata) of the documents."""
         if self._docs is None:
@@ -198,6 +242,7 @@ class _Segment:
             self._docs = self.cache[key]
         return self._docs
 
+    @_reads("doc_path")
     def doc_ranges(self, doc_id: str) -> list[tuple[int, int]]:
         """Chunk id ranges of the live document `doc_id` in this segment (empty if it is not here)."""
         import pyarrow as pa
@@ -222,6 +267,7 @@ class _Segment:
         row = order[at]
         return (int(first[row]), int(first[row] + count[row])) if chunk_id < first[row] + count[row] else None
 
+    @_reads("doc_path")
     def doc_texts(self, first_chunk_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
         """{first_chunk_id: (doc_id, text)} for documents of this segment, reading only their row groups."""
         import pyarrow.parquet as pq
@@ -246,6 +292,7 @@ class _Segment:
                 out[f] = (d, x)
         return out
 
+    @_reads("chunk_path")
     def chunk_rows(self, ids: Iterable[int]) -> dict[int, dict]:
         """{chunk_id: row} for chunks of this segment, reading only the row groups whose statistics hold them."""
         import pyarrow as pa
@@ -306,12 +353,12 @@ class Searcher:
         """Neighbours of each query text (or chunk, or vector), best first. See `Database.query`."""
         warn = on_warning or (lambda m: warnings.warn(m, QueryWarning, stacklevel=3))
         if k < 1:
-            raise RetrodbError(f"k must be at least 1, not {k}")
+            raise UsageError(f"k must be at least 1, not {k}")
         if ef < 1:
-            raise RetrodbError(f"ef must be at least 1, not {ef}")
+            raise UsageError(f"ef must be at least 1, not {ef}")
         modes = sum(x is not None for x in (texts, chunk_ids, vectors))
         if modes != 1:
-            raise RetrodbError("give exactly one of: query texts, chunk ids, or vectors")
+            raise UsageError("give exactly one of: query texts, chunk ids, or vectors")
         with self._lock:
             self._check_searchable(warn)
             exclude = [exclude_doc] if isinstance(exclude_doc, str) else list(exclude_doc or [])
@@ -319,7 +366,7 @@ class Searcher:
             if texts is not None:
                 texts = [texts] if isinstance(texts, str) else list(texts)
                 if not texts or any(not t.strip() for t in texts):
-                    raise RetrodbError("empty query: every query needs some text",
+                    raise UsageError("empty query: every query needs some text",
                                        hint='retrodb query DB "some text" (or --file FILE, or --chunk-id N)')
                 q = self._embed(texts)
                 labels = texts
@@ -333,7 +380,7 @@ class Searcher:
             else:
                 asked = [int(c) for c in chunk_ids]
                 if not asked:
-                    raise RetrodbError("empty query: no chunk ids given", hint="retrodb query DB --chunk-id N")
+                    raise UsageError("empty query: no chunk ids given", hint="retrodb query DB --chunk-id N")
                 q, own, homes = self._chunk_keys(asked)
                 exclusions = [common + (own[i] if exclude_same_doc else []) for i in range(len(asked))]
                 labels = None
@@ -574,8 +621,6 @@ class Searcher:
             r = rows.get(c)
             doc = docs.get(firsts.get(c)) if r else None
             if r is None or doc is None or doc[0] != r["doc_id"]:
-                from .errors import CorruptDatabase
-
                 raise CorruptDatabase(f"chunk {c} of {seg.name} is in the index but not in its tables",
                                       hint=f"run: retrodb verify {self.root}")
             text = doc[1]
@@ -657,8 +702,13 @@ def searcher_for(db, threads: int | None = None, device: str = "auto") -> Search
     if searcher is not None:
         searcher.close()
         live = {f["path"] for f in db.snapshot.files()}
-        for key in [key for key in cache if key[0] != "embedder" and key[1] not in live]:
+        for key in [key for key in cache if not all(p in live for p in _paths_in(key))]:
             del cache[key]
     searcher = Searcher(db.snapshot, cache, threads=threads, device=device)
     db.__dict__["_searcher"] = searcher
     return searcher
+
+
+def _paths_in(key: tuple) -> list[str]:
+    """The database files a cache entry was built from: the elements of its key that are segment paths."""
+    return [p for p in key[1:] if isinstance(p, str) and p.startswith("segments/")]

@@ -687,8 +687,7 @@ def _purge_neighbours(w, chunk_ranges) -> set[str]:
     returns every neighbours file still on disk that names them, so the snapshots holding those go too."""
     from . import neighbours
 
-    neighbours.purge(w, chunk_ranges)
-    return neighbours.files_naming(w.root, chunk_ranges)
+    return neighbours.purge(w, chunk_ranges)
 
 
 def _check_absent(w, strings: list[str], ignore_case: bool, written: set[str]) -> tuple[int, int]:

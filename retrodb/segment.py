@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import file_record, publish, tmp_path_for
+from .atomic import file_record, make_dirs, publish, tmp_path_for
 from .readers import Document
 from .schema import TOKEN_TYPES, arrow_schema
 from .tokenizer import ChunkedBatch
@@ -32,8 +32,7 @@ class SegmentWriter:
 
     def __init__(self, root: Path, directory: Path, segment: int, token_type: str):
         self.root = root
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = make_dirs(directory)
         self.token_type = token_type
         self.doc_schema = arrow_schema("documents")
         self.chunk_schema = arrow_schema("chunks", token_type)

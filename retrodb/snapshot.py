@@ -10,7 +10,9 @@ CURRENT sees one whole snapshot whatever writers do meanwhile.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +33,10 @@ def manifest_name(version: int) -> str:
 
 def segment_name(number: int) -> str:
     return f"seg-{number:06d}"
+
+
+def segment_number(name: str) -> int:
+    return int(name.removeprefix("seg-"))
 
 
 @dataclass
@@ -87,45 +93,108 @@ class Snapshot:
 
 
 def read_manifest(root: Path, version: int) -> Snapshot:
+    """The committed snapshot `version` (a manifest above CURRENT's was never committed: refused)."""
     path = root / MANIFESTS / manifest_name(version)
+    if version > current_version(root):
+        raise DatabaseNotFound(
+            f"snapshot {version} of {root} was never committed (the current one is v{current_version(root)})",
+            hint=f"list the committed snapshots with: retrodb log {root}")
+    return Snapshot(root, load_manifest(path))
+
+
+def load_manifest(path: Path) -> dict:
+    """A manifest file's content, checked against schemas/manifest.json (CorruptDatabase if it does not fit)."""
+    from .schema import manifest_problems
+
+    root = path.parent.parent
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise DatabaseNotFound(
-            f"snapshot {version} of {root} is not retained (no {path.name})",
+            f"snapshot {int(path.name[2:-5])} of {root} is not retained (no {path.name})",
             hint=f"list the retained snapshots with: retrodb log {root}",
         ) from None
-    except json.JSONDecodeError as exc:
-        raise CorruptDatabase(f"manifest {path} is not valid JSON: {exc}") from None
-    if data.get("format_version", 0) > FORMAT_VERSION:
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptDatabase(f"manifest {path} is not valid JSON: {exc}", hint=f"run: retrodb verify {root}") from None
+    if isinstance(data, dict) and isinstance(data.get("format_version"), int) and data["format_version"] > FORMAT_VERSION:
         raise CorruptDatabase(
             f"{root} was written by a newer retrodb (format {data['format_version']})",
             hint="upgrade retrodb",
         )
-    return Snapshot(root, data)
+    problems = manifest_problems(data)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CorruptDatabase(f"manifest {path} is damaged: {problems[0]}{more}", hint=f"run: retrodb verify {root}")
+    return data
+
+
+_CURRENT_NAME = re.compile(r"v-(\d{8})\.json")
 
 
 def current_version(root: Path) -> int:
+    """The version CURRENT names; a clear error if `root` is not a database or CURRENT is damaged."""
+    root = Path(root)
     try:
-        name = (root / CURRENT).read_text().strip()
-    except FileNotFoundError:
-        hint = f"create it with: retrodb init {root}  (or retrodb ingest {root} SOURCE...)"
-        raise DatabaseNotFound(f"no retrodb database at {root}", hint=hint) from None
-    return int(name.removeprefix("v-").removesuffix(".json"))
+        raw = (root / CURRENT).read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        raise not_a_database(root) from None
+    m = _CURRENT_NAME.fullmatch(raw.strip().decode("utf-8", "replace"))
+    if m is None:
+        what = "empty" if not raw.strip() else f"damaged (it holds {raw[:40]!r}, not a snapshot name)"
+        raise CorruptDatabase(f"{root / CURRENT} is {what}", hint=f"run: retrodb verify {root}  "
+                              "(it lists the snapshots that can still be read)")
+    return int(m.group(1))
+
+
+def not_a_database(root: Path) -> Exception:
+    """The error for a path that holds no database: it does not exist (a typo?), is a file, or is a folder
+    without CURRENT. Never suggests creating a database at a mistyped path."""
+    if root.is_file():
+        return DatabaseNotFound(f"{root} is a file, not a retrodb database (a database is a directory)",
+                                hint="give the database directory")
+    if root.is_dir():
+        if (root / MANIFESTS).is_dir():
+            return CorruptDatabase(f"{root} has snapshots but no CURRENT file",
+                                   hint=f"run: retrodb verify {root}  (it lists the snapshots that can still be read)")
+        return DatabaseNotFound(f"{root} is not a retrodb database (no CURRENT file)",
+                                hint="give a database directory; retrodb init or retrodb ingest creates one")
+    parent = root.parent if str(root.parent) else Path(".")
+    try:
+        siblings = [p.name for p in parent.iterdir() if (p / CURRENT).is_file()] if parent.is_dir() else []
+    except OSError:
+        siblings = []
+    near = difflib.get_close_matches(root.name, siblings, n=1, cutoff=0.6)
+    if near:
+        hint = f"did you mean {parent / near[0]}?"
+    else:
+        hint = "check the path" + ("" if parent.is_dir() else f" ({parent} does not exist either)")
+    return DatabaseNotFound(f"no retrodb database at {root}: no such directory", hint=hint)
 
 
 def read_current(root: Path) -> Snapshot:
-    return read_manifest(root, current_version(root))
+    version = current_version(root)
+    try:
+        return read_manifest(root, version)
+    except DatabaseNotFound:
+        raise CorruptDatabase(f"{Path(root) / CURRENT} names {manifest_name(version)}, which is missing",
+                              hint=f"run: retrodb verify {root}  (it lists the snapshots that can still be read)"
+                              ) from None
 
 
-def retained_versions(root: Path) -> list[int]:
+def manifest_versions(root: Path) -> list[int]:
+    """Every manifest on disk, committed or not (writers clean the uncommitted ones)."""
     out = []
     for p in (root / MANIFESTS).glob("v-*.json"):
-        try:
-            out.append(int(p.name[2:-5]))
-        except ValueError:
-            continue
+        m = _CURRENT_NAME.fullmatch(p.name)
+        if m:
+            out.append(int(m.group(1)))
     return sorted(out)
+
+
+def retained_versions(root: Path, current: int | None = None) -> list[int]:
+    """The committed snapshots still on disk (a manifest above CURRENT's is an interrupted commit's)."""
+    current = current_version(root) if current is None else current
+    return [v for v in manifest_versions(root) if v <= current]
 
 
 def write_snapshot(root: Path, data: dict) -> Snapshot:

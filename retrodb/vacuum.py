@@ -26,17 +26,19 @@ from . import faults
 from . import snapshot as snap
 from .atomic import fsync_dir
 from .database import Database
-from .errors import RetrodbError
+from .errors import RetrodbError, UsageError
 
 DEFAULT_GRACE = 600.0  # seconds a superseded snapshot stays readable for readers that opened it
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '15m', '12h', '7d', '2w' (or a sum like '1d12h') -> seconds."""
+    """'90s', '15m', '12h', '7d', '2w' (or a sum like '1d12h') -> seconds; a bare number is seconds ('0')."""
+    if re.fullmatch(r"\s*\d+(\.\d+)?\s*", text):
+        return float(text)
     parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhdw])", text.strip().lower())
     if not parts or re.sub(r"\s", "", text.lower()) != "".join(n + u for n, u in parts):
-        raise RetrodbError(f"bad duration {text!r}", hint="use a number and a unit s, m, h, d or w: 90s, 12h, 7d")
+        raise UsageError(f"bad duration {text!r}", hint="use a number and a unit s, m, h, d or w: 90s, 12h, 7d (a bare number is seconds)")
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
@@ -48,6 +50,8 @@ class VacuumPlan:
     manifests: list[tuple[str, int]]  # (relative path, bytes) of the manifests to delete
     files: list[tuple[str, int]]  # (relative path, bytes) of the segment files to delete
     directories: list[str] = field(default_factory=list)  # segment directories left empty
+    kept_by_grace: list[int] = field(default_factory=list)  # superseded snapshots kept only because of --grace
+    grace: float = DEFAULT_GRACE
 
     @property
     def bytes(self) -> int:
@@ -55,6 +59,7 @@ class VacuumPlan:
 
     def to_dict(self, max_files: int = 1000) -> dict:
         return {"current": self.current, "retained": self.retained, "removed_versions": self.removed_versions,
+                "kept_by_grace": self.kept_by_grace,
                 "files": len(self.manifests) + len(self.files), "bytes": self.bytes,
                 "directories": len(self.directories), "paths": [p for p, _ in self.files[:max_files]]}
 
@@ -73,15 +78,16 @@ class VacuumReport:
 
 
 def retained_versions(root: Path, retain: int | None = None, older_than: float | None = None,
-                      grace: float = DEFAULT_GRACE, now: float | None = None) -> tuple[int, list[int]]:
-    """(current version, the committed versions to keep), per the rules in the module doc."""
+                      grace: float = DEFAULT_GRACE, now: float | None = None) -> tuple[int, list[int], list[int]]:
+    """(current version, the committed versions to keep, those kept only by the grace period), per the rules
+    in the module doc."""
     if retain is not None and retain < 1:
-        raise RetrodbError("--retain must be at least 1 (the current snapshot is always kept)")
+        raise UsageError("--retain must be at least 1 (the current snapshot is always kept)")
     if retain is None and older_than is None:
         retain = 1
     now = time.time() if now is None else now
     current = snap.current_version(root)
-    versions = [v for v in snap.retained_versions(root) if v <= current]
+    versions = snap.retained_versions(root, current)
     created = {}
     for v in versions:
         try:
@@ -91,23 +97,28 @@ def retained_versions(root: Path, retain: int | None = None, older_than: float |
     keep = {current}
     if retain:
         keep.update(versions[-retain:])
+    by_grace = set()
     for i, v in enumerate(versions[:-1]):
         # when v stopped being current: the next snapshot's commit (or a later one's, if that one is gone)
         superseded = next((created[w] for w in versions[i + 1:] if created[w] is not None), now)
         age = now - superseded
-        if age < grace or (older_than is not None and age < older_than):
+        if older_than is not None and age < older_than:
             keep.add(v)
-    return current, sorted(k for k in keep if created.get(k) is not None or k == current)
+        elif age < grace and v not in keep:
+            keep.add(v)
+            by_grace.add(v)
+    kept = sorted(k for k in keep if created.get(k) is not None or k == current)
+    return current, kept, sorted(by_grace & set(kept))
 
 
 def plan_vacuum(root: str | Path, retain: int | None = None, older_than: float | None = None,
                 grace: float = DEFAULT_GRACE, now: float | None = None) -> VacuumPlan:
     root = Path(root)
-    current, keep = retained_versions(root, retain, older_than, grace, now)
+    current, keep, by_grace = retained_versions(root, retain, older_than, grace, now)
     referenced: set[str] = set()
     for v in keep:
         referenced.update(rec["path"] for rec in snap.read_manifest(root, v).files())
-    removed = [v for v in snap.retained_versions(root) if v not in keep and v < current]
+    removed = [v for v in snap.retained_versions(root, current) if v not in keep and v < current]
     manifests = [(f"{snap.MANIFESTS}/{snap.manifest_name(v)}",
                   (root / snap.MANIFESTS / snap.manifest_name(v)).stat().st_size) for v in removed]
     files: list[tuple[str, int]] = []
@@ -120,7 +131,7 @@ def plan_vacuum(root: str | Path, retain: int | None = None, older_than: float |
         files.extend((p.relative_to(root).as_posix(), p.stat().st_size) for p in stray)
         if len(stray) == sum(1 for _ in d.iterdir()):
             directories.append(d.relative_to(root).as_posix())
-    return VacuumPlan(current, keep, removed, manifests, files, directories)
+    return VacuumPlan(current, keep, removed, manifests, files, directories, by_grace, grace)
 
 
 def vacuum(root: str | Path, retain: int | None = None, older_than: float | str | None = None,

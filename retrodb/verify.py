@@ -9,7 +9,12 @@ command, which the next writing command cleans). A new check (e.g. redaction's
 
 It reads one snapshot's tables column by column, one segment at a time, so
 memory grows with a segment, not with the database. Checksums read every
-byte; `quick` compares sizes only.
+byte; `quick` compares sizes only. Files are checked against the table
+schemas in `schemas/*.json` (the `schema` check), as manifests are when read.
+
+When the snapshot cannot even be opened (CURRENT empty or garbage, a damaged
+manifest), verify still reports: what is wrong, and which snapshots can still
+be read, each with its files present or not.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from . import snapshot as snap
 from .atomic import TMP_PREFIX, file_digest
 from .database import WORK
-from .errors import RetrodbError
+from .errors import CorruptDatabase, RetrodbError
 from .lock import read_holder
 from .snapshot import Snapshot
 
@@ -64,8 +69,31 @@ class Verification:
         self.findings.append(Finding("info", self.check, message, path))
 
     def readable_segments(self):
-        """(name, entry) of the segments whose files passed the file check."""
+        """(name, entry) of the segments whose files passed the file check (and could be decoded so far)."""
         return [(n, s) for n, s in sorted(self.snapshot.segments.items()) if n not in self.damaged]
+
+    def table(self, name: str, seg: dict, kind: str, columns: list[str] | None = None):
+        """One of a segment's Parquet tables; a file that cannot be decoded is an error naming it, the segment
+        is marked damaged (later checks skip it) and `Undecodable` ends this segment's part of the check."""
+        import pyarrow.parquet as pq
+
+        from .schema import arrow_schema
+
+        rec = seg["files"][kind]
+        try:
+            if kind == "tombstones":
+                return pq.read_table(self.root / rec["path"], schema=arrow_schema("tombstones"))
+            return pq.read_table(self.root / rec["path"], columns=columns)
+        except Exception as exc:
+            if not isinstance(exc, (OSError, ValueError)) and not type(exc).__module__.startswith("pyarrow"):
+                raise
+            self.error(f"{name}: {kind} file cannot be decoded: {str(exc).strip().splitlines()[0]}", rec["path"])
+            self.damaged.add(name)
+            raise Undecodable() from None
+
+
+class Undecodable(Exception):
+    """Raised by Verification.table after recording the error; the check goes on with the next segment."""
 
 
 Check = Callable[[Verification], None]
@@ -128,15 +156,14 @@ def check_rows(v: Verification) -> None:
     """Per segment: documents, chunks, keys and index agree with each other and with the manifest counts;
     each document's chunks are consecutive rows with ids first_chunk_id + position; continuation pointers
     name the next chunk of the same document (null for its last)."""
-    import pyarrow.parquet as pq
-
     dim = (v.snapshot.config.get("embedder") or {}).get("dim")
     for name, seg in v.readable_segments():
         files = seg["files"]
-        docs = pq.read_table(v.root / files["documents"]["path"],
-                             columns=["doc_id", "num_tokens", "num_chunks", "first_chunk_id"])
-        chunks = pq.read_table(v.root / files["chunks"]["path"],
-                               columns=["chunk_id", "doc_id", "position", "num_tokens", "continuation_id"])
+        try:
+            docs = v.table(name, seg, "documents", ["doc_id", "num_tokens", "num_chunks", "first_chunk_id"])
+            chunks = v.table(name, seg, "chunks", ["chunk_id", "doc_id", "position", "num_tokens", "continuation_id"])
+        except Undecodable:
+            continue
         for what, have, want in (("documents", docs.num_rows, seg["documents"]),
                                  ("chunks", chunks.num_rows, seg["chunks"]),
                                  ("tokens (documents)", _sum(docs["num_tokens"]), seg["tokens"]),
@@ -193,6 +220,9 @@ def _check_chunk_layout(v: Verification, name: str, path: str, docs, chunks) -> 
 
 
 def _check_keys(v: Verification, name: str, path: str, chunks: int, dim: int | None) -> None:
+    from .schema import spec
+
+    want_dtype = np.dtype(spec("keys")["dtype"])
     try:
         with open(v.root / path, "rb") as f:
             major, _ = np.lib.format.read_magic(f)
@@ -202,8 +232,8 @@ def _check_keys(v: Verification, name: str, path: str, chunks: int, dim: int | N
         v.error(f"{name}: keys file is not a .npy array ({exc})", path)
         return
     want = (chunks, dim) if dim else (chunks,) + tuple(shape[1:])
-    if tuple(shape) != want or dtype != np.float16:
-        v.error(f"{name}: keys are {dtype}{list(shape)}, expected float16{list(want)}", path)
+    if tuple(shape) != want or dtype != want_dtype:
+        v.error(f"{name}: keys are {dtype}{list(shape)}, expected {want_dtype}{list(want)}", path)
 
 
 def _hnsw_element_count(path: Path) -> int:
@@ -215,11 +245,12 @@ def _hnsw_element_count(path: Path) -> int:
 def check_chunk_ids(v: Verification) -> None:
     """Chunk ids are unique across the snapshot: every document owns the range first_chunk_id .. + num_chunks - 1
     (check_rows proves it), and no two ranges overlap."""
-    import pyarrow.parquet as pq
-
     firsts, counts, owners, names = [], [], [], []
     for name, seg in v.readable_segments():
-        t = pq.read_table(v.root / seg["files"]["documents"]["path"], columns=["first_chunk_id", "num_chunks"])
+        try:
+            t = v.table(name, seg, "documents", ["first_chunk_id", "num_chunks"])
+        except Undecodable:
+            continue
         firsts.append(t["first_chunk_id"].to_numpy())
         counts.append(t["num_chunks"].to_numpy().astype(np.int64))
         owners.append(np.full(t.num_rows, len(names)))
@@ -239,10 +270,6 @@ def check_chunk_ids(v: Verification) -> None:
 def check_tombstones(v: Verification) -> None:
     """Tombstones name documents of their own segment (with the same chunk range), once, and the manifest's
     deleted_* counts are their totals."""
-    import pyarrow.parquet as pq
-
-    from . import tombstones
-
     for name, seg in v.readable_segments():
         rec = seg["files"].get("tombstones")
         counts = [seg.get(k, 0) for k in ("deleted_documents", "deleted_chunks", "deleted_tokens")]
@@ -250,9 +277,11 @@ def check_tombstones(v: Verification) -> None:
             if any(counts):
                 v.error(f"{name}: the manifest counts deleted rows but the segment has no tombstones file")
             continue
-        t = tombstones.read(v.root, seg)
-        docs = pq.read_table(v.root / seg["files"]["documents"]["path"],
-                             columns=["doc_id", "first_chunk_id", "num_chunks", "num_tokens"])
+        try:
+            t = v.table(name, seg, "tombstones")
+            docs = v.table(name, seg, "documents", ["doc_id", "first_chunk_id", "num_chunks", "num_tokens"])
+        except Undecodable:
+            continue
         by_id = {d: (f, n, k) for d, f, n, k in zip(*(docs[c].to_pylist() for c in docs.column_names))}
         ids = t["doc_id"].to_pylist()
         if len(set(ids)) != len(ids):
@@ -277,7 +306,7 @@ def check_retained(v: Verification) -> None:
     shares with the snapshot under test were checked by check_files."""
     checked = {rec["path"] for rec in v.snapshot.files()}
     for version in snap.retained_versions(v.root):
-        if version == v.snapshot.version or version > snap.current_version(v.root):
+        if version == v.snapshot.version:
             continue
         try:
             other = snap.read_manifest(v.root, version)
@@ -304,7 +333,7 @@ def check_leftovers(v: Verification) -> None:
         v.warn(f"unfinished job {job.name} (rerun the same command to resume it; any other writing command "
                "removes it)", _rel(root, job))
     current = snap.current_version(root)
-    for version in snap.retained_versions(root):
+    for version in snap.manifest_versions(root):
         if version > current:
             v.warn(f"manifest v{version} was never committed (the next writing command removes it)",
                    f"{snap.MANIFESTS}/{snap.manifest_name(version)}")
@@ -333,11 +362,8 @@ def check_leftovers(v: Verification) -> None:
 
 def referenced_paths(root: Path) -> set[str]:
     """Relative paths of every file a committed, retained snapshot references."""
-    current = snap.current_version(root)
     out: set[str] = set()
     for version in snap.retained_versions(root):
-        if version > current:
-            continue
         try:
             out.update(rec["path"] for rec in snap.read_manifest(root, version).files())
         except RetrodbError:
@@ -382,9 +408,72 @@ def check_neighbours(v: Verification) -> None:
     verify_check(v)
 
 
+def check_schema(v: Verification) -> None:
+    """Every Parquet file has the columns, types and nullability of its table in schemas/*.json (token ids of
+    the config's token type), and every retained manifest fits schemas/manifest.json."""
+    import pyarrow.parquet as pq
+
+    from .schema import arrow_schema, manifest_problems
+
+    token_type = v.snapshot.config["tokenizer"].get("token_type", "uint32")
+    for name, seg in v.readable_segments():
+        for kind in ("documents", "chunks", "tombstones", "neighbours"):
+            rec = seg["files"].get(kind)
+            if rec is None:
+                continue
+            want = arrow_schema(kind, token_type)
+            try:
+                meta = pq.read_metadata(v.root / rec["path"])
+            except Exception as exc:
+                if not isinstance(exc, (OSError, ValueError)) and not type(exc).__module__.startswith("pyarrow"):
+                    raise
+                v.error(f"{name}: {kind} file is not readable Parquet: {str(exc).strip().splitlines()[0]}",
+                        rec["path"])
+                v.damaged.add(name)
+                break
+            for problem in _schema_differences(meta, want):
+                v.error(f"{name}: {kind} file {problem} (schemas/{kind}.json)", rec["path"])
+    for version in snap.retained_versions(v.root):
+        path = v.root / snap.MANIFESTS / snap.manifest_name(version)
+        try:
+            import json
+
+            problems = manifest_problems(json.loads(path.read_bytes()))
+        except (OSError, ValueError) as exc:
+            problems = [f"not readable JSON ({exc})"]
+        for problem in problems:
+            v.error(f"manifest v{version}: {problem} (schemas/manifest.json)", _rel(v.root, path))
+
+
+def _schema_differences(meta, want) -> list[str]:
+    """How a Parquet file's schema (from its metadata) differs from `want`: missing, mistyped or unknown
+    columns, and nulls in a column the schema says is never null."""
+    have = meta.schema.to_arrow_schema()
+    out = []
+    for want_field in want:
+        name = want_field.name
+        if name not in have.names:
+            out.append(f"has no column '{name}'")
+            continue
+        got = have.field(name)
+        if not got.type.equals(want_field.type):
+            out.append(f"column '{name}' is {got.type}, not {want_field.type}")
+        elif got.nullable and not want_field.nullable:
+            j = have.get_field_index(name)
+            stats = [meta.row_group(i).column(j).statistics for i in range(meta.num_row_groups)]
+            nulls = sum(s.null_count for s in stats if s is not None and s.has_null_count)
+            if nulls or any(s is None or not s.has_null_count for s in stats):
+                out.append(f"column '{name}' holds {nulls or 'unknown'} null(s); the schema says it never is")
+    extra = [n for n in have.names if n not in want.names]
+    if extra:
+        out.append(f"has columns the schema does not know: {', '.join(extra)}")
+    return out
+
+
 CHECKS: list[tuple[str, Check]] = [
     ("pending", check_pending),
     ("files", check_files),
+    ("schema", check_schema),
     ("rows", check_rows),
     ("chunk_ids", check_chunk_ids),
     ("tombstones", check_tombstones),
@@ -400,7 +489,10 @@ def verify(root: str | Path, *, at: int | None = None, quick: bool = False,
     from .database import open as open_db
 
     started = time.perf_counter()
-    db = open_db(root, at)
+    try:
+        db = open_db(root, at)
+    except CorruptDatabase as exc:  # CURRENT or a manifest is damaged: say so, and what can still be read
+        return diagnose(Path(root), exc, time.perf_counter() - started)
     v = Verification(db.root, db.snapshot, quick)
     names = []
     for name, check in CHECKS + list(extra or []):
@@ -420,3 +512,36 @@ def verify(root: str | Path, *, at: int | None = None, quick: bool = False,
     files = db.snapshot.files()
     return VerifyReport(str(db.root), db.version, quick, names, v.findings, len(db.snapshot.segments), len(files),
                         sum(f["bytes"] for f in files), time.perf_counter() - started)
+
+
+def diagnose(root: Path, exc: CorruptDatabase, seconds: float) -> VerifyReport:
+    """The report for a database whose snapshot cannot be opened: the damage, then every manifest on disk
+    that can still be read, with whether its files are all present (sizes), newest complete one named."""
+    findings = [Finding("error", "current", exc.message)]
+    complete = []
+    for version in snap.manifest_versions(root):
+        path = root / snap.MANIFESTS / snap.manifest_name(version)
+        try:
+            s = Snapshot(root, snap.load_manifest(path))
+        except RetrodbError as err:
+            findings.append(Finding("error", "snapshots", f"v{version} cannot be read: {err.message}",
+                                    _rel(root, path)))
+            continue
+        missing = [rec["path"] for rec in s.files()
+                   if not (root / rec["path"]).is_file() or (root / rec["path"]).stat().st_size != rec["bytes"]]
+        if missing:
+            findings.append(Finding("warning", "snapshots", f"v{version} ({s.data['command']}, {s.data['created']}) "
+                                    f"can be read but {len(missing)} of its files are missing or altered",
+                                    _rel(root, path)))
+        else:
+            complete.append(version)
+            findings.append(Finding("warning", "snapshots", f"v{version} ({s.data['command']}, {s.data['created']}, "
+                                    f"{s.totals()['documents']:,} documents) can be read and has all its files",
+                                    _rel(root, path)))
+    if complete:
+        newest = complete[-1]
+        findings.append(Finding("error", "current", f"the newest complete snapshot is v{newest}; to make it current "
+                                f"again: printf '{snap.manifest_name(newest)}\\n' > {root / snap.CURRENT}"))
+    else:
+        findings.append(Finding("error", "current", "no snapshot can be read with all its files"))
+    return VerifyReport(str(root), -1, False, ["current", "snapshots"], findings, 0, 0, 0, seconds)

@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RETRODB_CACHE_DIR", tempfile.mkdtemp(prefix="retrodb-test-cache-"))  # not ~/.cache
 REPO = Path(__file__).resolve().parents[1]
 
 WORDS = ("retrieval database chunk neighbour encoder attention token segment snapshot index query "

@@ -98,8 +98,8 @@ def test_delete_cli_plans_confirms_and_refuses_without_a_terminal(cli, db, tmp_p
     assert done[-1]["documents"] == 3 and done[-1]["unknown"] == ["missing"] and done[-1]["version"] == v + 1
     where = cli("delete", db, "--where", "doc_id IN ('d10', 'd11')", "--yes", "-f", "json").json_lines()
     assert where[-1]["documents"] == 2
-    assert cli("delete", db, "--doc-id", "d1", "--where", "true", "--yes").code == 1
-    assert cli("delete", db, "--yes").code == 1
+    assert cli("delete", db, "--doc-id", "d1", "--where", "true", "--yes").code == 2  # a usage error
+    assert cli("delete", db, "--yes").code == 2
 
 
 def test_compact_keeps_chunk_ids_continuations_and_keys(db):
@@ -218,12 +218,12 @@ def test_reader_of_a_superseded_snapshot_survives_vacuum_within_grace(db):
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("15m", 900), ("12h", 43200), ("7d", 604800),
-                                          ("1d12h", 129600), ("2w", 1209600)])
+                                          ("1d12h", 129600), ("2w", 1209600), ("0", 0), ("7", 7)])
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["", "7", "7x", "d7", "1d garbage"])
+@pytest.mark.parametrize("bad", ["", "-7", "7x", "d7", "1d garbage"])
 def test_parse_duration_rejects(bad):
     with pytest.raises(RetrodbError, match="bad duration"):
         parse_duration(bad)
@@ -294,7 +294,7 @@ def test_edit_cli_end_to_end(cli, db, tmp_path):
     r = cli("verify", db)
     assert r.code == 0 and "OK" in r.out
     r = cli("vacuum", db, "--older-than", "seven days")
-    assert r.code == 1 and "bad duration" in r.err
+    assert r.code == 2 and "bad duration" in r.err
 
 
 def test_edit_commands_have_help_with_examples():

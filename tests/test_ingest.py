@@ -8,7 +8,7 @@ import zstandard
 
 import retrodb
 from retrodb.errors import BadInput
-from retrodb.ingest import IngestOptions, ingest
+from retrodb.ingest import IngestOptions, NothingIngested, ingest
 from tests.conftest import make_text, run_retrodb
 
 
@@ -66,8 +66,12 @@ def test_parquet_with_custom_fields(tmp_path, db_path):
 def test_parquet_without_text_column_is_reported(tmp_path, db_path):
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"body": ["x"]}), path)
-    report = ingest(db_path, [str(path)], IngestOptions(workers=1))
+    with pytest.raises(NothingIngested) as caught:  # nothing ingested is an error, naming the columns found
+        ingest(db_path, [str(path)], IngestOptions(workers=1))
+    report = caught.value.report
     assert report.issue_counts == {"missing-field": 1} and "no 'text' column" in report.issues[0]["message"]
+    assert "fields body" in caught.value.hint and "--text-field" in caught.value.hint
+    assert not db_path.exists()  # no empty database left behind
 
 
 def test_stdin_jsonl(jsonl_file, db_path):
@@ -213,7 +217,7 @@ def test_stats_and_sql_cli(cli, corpus, db_path):
 
 def test_errors_without_traceback(cli, tmp_path):
     r = cli("stats", tmp_path / "missing")
-    assert r.code == 1 and "no retrodb database" in r.err and "retrodb init" in r.err
+    assert r.code == 1 and "no retrodb database" in r.err and "retrodb init" not in r.err  # a typo: no init on it
     r = cli("ingest", tmp_path / "db", tmp_path / "nothing-here", "--on-error", "fail")
     assert r.code == 1 and "no such file" in r.err
     r = cli("ingest", tmp_path / "db", "x", "--format", "xml")

@@ -115,3 +115,19 @@ def test_cli_human_output_escapes_data(leak_db, tmp_path, cli):
     assert res.code == 1 and "no evaluation text" in res.err
     res = cli("leakage", root, odd, "--out-ids", tmp_path / "x")
     assert res.code == 1 and "--dedup" in res.err
+
+
+def test_bad_evaluation_input_costs_only_itself(leak_db, tmp_path, cli):
+    root, evals = leak_db
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01binary")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    jsonl = tmp_path / "eval.jsonl"
+    jsonl.write_text(json.dumps({"text": make_text(3, 120)}) + "\n{broken\n")
+    res = cli("leakage", root, tmp_path / "bin.txt", tmp_path / "latin1.txt", jsonl, "--format", "json")
+    assert res.code == 0, res.err
+    lines = res.json_lines()
+    assert {x["file"] for x in lines[:-1]} == {f"{jsonl}:1"} and all(x["r"] == 1.0 for x in lines[:-1])
+    issues = lines[-1]["summary"]["issues"]
+    assert len(issues) == 3 and any("bin.txt" in i for i in issues) and any(":2" in i for i in issues)
+    res = cli("leakage", root, tmp_path / "bin.txt")
+    assert res.code == 1 and "no evaluation text could be read" in res.err

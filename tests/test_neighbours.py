@@ -307,3 +307,10 @@ def test_small_segments_merge_only_with_segments_of_the_same_neighbours(db, tmp_
     assert with_nb and status(snap)["missing"]  # old segments merged keeping theirs; the new ones apart
     assert status(snap)["missing_chunks"] == retrodb.open(db).sql(
         "SELECT count(*) FROM chunks WHERE doc_id LIKE 'n%'").column(0)[0].as_py()
+
+
+def test_cli_prints_a_database_path_literally(tmp_path, cli):
+    root = build_db(tmp_path / "[red]db", n_docs=6, segment_bytes=2000, index=False)
+    res = cli("neighbours", root)
+    assert res.code == 0, res.err
+    assert "[red]db" in res.err  # the warning names the path as it is, not as rich markup

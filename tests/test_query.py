@@ -214,14 +214,14 @@ def test_cli_human_file_and_stdin(cli, db, tmp_path, monkeypatch):
 def test_error_cases(cli, db, tmp_path):
     for args in [("",), ("   ",), ()]:
         r = cli("query", db, *args)
-        assert r.code == 1 and "empty query" in r.err and "Traceback" not in r.err
+        assert r.code == 2 and "empty query" in r.err and "Traceback" not in r.err  # usage errors exit 2
     (tmp_path / "empty.txt").write_text("\n \n")
     r = cli("query", db, "--file", tmp_path / "empty.txt")
     assert r.code == 1 and "empty query" in r.err
     r = cli("query", db, "--chunk-id", "12345")
     assert r.code == 1 and "chunk 12345 is not in" in r.err
     r = cli("query", db, "x", "--chunk-id", "1")
-    assert r.code == 1 and "not both" in r.err
+    assert r.code == 2 and "not both" in r.err
     r = cli("query", db, "x", "-k", "0")
     assert r.code == 2
     with pytest.raises(RetrodbError, match="k must be at least 1"):

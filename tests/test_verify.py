@@ -52,7 +52,7 @@ def rewrite(root, name: str, kind: str, table_or_array) -> None:
 
 def test_clean_database_passes(cli, db):
     report = verify(db)
-    assert report.ok and not report.findings and report.checks[:3] == ["pending", "files", "rows"]
+    assert report.ok and not report.findings and report.checks[:4] == ["pending", "files", "schema", "rows"]
     assert report.files == sum(len(s["files"]) for s in retrodb.open(db).snapshot.segments.values())
     r = cli("verify", db, "--format", "json")
     assert r.code == 0 and r.json_lines()[0]["ok"] is True

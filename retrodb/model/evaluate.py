@@ -174,14 +174,14 @@ def _null():
 def read_documents(sources: list[str], text_field: str = "text", id_field: str = "id"):
     """The documents of `sources`, read as `retrodb ingest` reads them; bad input is an error naming it."""
     from ..errors import BadInput
-    from ..readers import Issue, ReadOptions, WorkUnit, plan_pieces, read_unit
+    from ..readers import Issue, ReadOptions, plan_pieces, read_unit, unit
 
     opts = ReadOptions(text_field=text_field, id_field=id_field)
     pieces, issues = plan_pieces(sources, "auto", 1 << 62, opts)
     if issues:
         raise BadInput(str(issues[0]), hint="eval reads .txt/.md files, JSONL and Parquet, as ingest does")
     docs = []
-    for item in read_unit(WorkUnit(0, pieces), opts):
+    for item in read_unit(unit(0, pieces), opts):
         if isinstance(item, Issue):
             raise BadInput(str(item), hint="fix or leave out that input")
         docs.append(item)

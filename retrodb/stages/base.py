@@ -5,18 +5,35 @@ A stage is a picklable object whose `run(unit)` does the work for one unit
 returns a JSON-able dict of results. Executors run stages; they know nothing
 about text. A stage reports progress through `self.report(**counts)`, which
 the executor routes to the caller's progress callback.
+
+Units and results have one shape for every stage, and a segment is named by
+its number (an int) in both; `segment_name(n)` gives its directory and
+manifest key:
+
+    unit    {"segment": int, ...inputs}
+            ingest: "pieces" (readers.Piece); embed, index: "entry" (the
+            segment's manifest entry); compact: "sources" ([[name, entry], ...])
+    result  {"segment": int, "entry": {...}, "resumed": bool, ...extras}
+            "entry" is what the stage adds to the segment's manifest entry:
+            ingest and compact a whole entry (counts and files), embed
+            {"files": {"keys": record}}, index {"files": {"index": record}};
+            `merge_result` applies it. Extras: ingest "issues" and
+            "issue_counts"; embed "chunks" (keys computed now) and
+            "resumed_chunks"; index "chunks"; compact "dropped_chunks".
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from ..snapshot import segment_name
+
 
 class Stage:
     name = "stage"
     _reporter: Callable[[dict], None] | None = None
 
-    def run(self, unit: Any) -> dict:  # pragma: no cover - abstract
+    def run(self, unit: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def report(self, **counts: int) -> None:
@@ -30,3 +47,27 @@ class Stage:
         state = dict(self.__dict__)
         state.pop("_reporter", None)
         return state
+
+
+def segment_unit(name: str, entry: dict) -> dict:
+    """The unit of a stage that works on an existing segment (embed, index)."""
+    from ..snapshot import segment_number
+
+    return {"segment": segment_number(name), "entry": entry}
+
+
+def result(segment: int, entry: dict, resumed: bool = False, **extras: Any) -> dict:
+    return {"segment": segment, "entry": entry, "resumed": resumed, **extras}
+
+
+def merge_result(segments: dict[str, dict], res: dict) -> str:
+    """Apply a stage result to a manifest's segments (new entry, or files added to an existing one);
+    returns the segment's name."""
+    name = segment_name(res["segment"])
+    entry = segments.setdefault(name, {"files": {}})
+    for key, value in res["entry"].items():
+        if key == "files":
+            entry.setdefault("files", {}).update(value)
+        else:
+            entry[key] = value
+    return name

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import faults, neighbours, tombstones
-from ..atomic import atomic_write_bytes, file_record, publish, tmp_path_for
+from ..atomic import atomic_write_bytes, file_record, make_dirs, publish, tmp_path_for
 from ..snapshot import SEGMENTS, segment_name
-from .base import Stage
+from .base import Stage, result
 
 BATCH_ROWS = 1 << 16  # rows per Parquet batch and per block of keys copied
 
@@ -40,15 +40,15 @@ class CompactStage(Stage):
         """`unit`: {"segment": new segment number, "sources": [[name, manifest entry], ...]}."""
         marker = self.marker(unit["segment"])
         if marker.exists():
-            result = json.loads(marker.read_text())
-            result["resumed"] = True
-            self.report(chunks=result["entry"]["chunks"])
-            return result
+            done = json.loads(marker.read_text())
+            done["resumed"] = True
+            self.report(chunks=done["entry"]["chunks"])
+            return done
         name = segment_name(unit["segment"])
         directory = self.root / SEGMENTS / name
         if directory.exists():  # a half-written attempt of this same unit
             shutil.rmtree(directory)
-        directory.mkdir(parents=True)
+        make_dirs(directory)
         sources = unit["sources"]
         deleted = [tombstones.deleted_doc_ids(self.root, seg) for _, seg in sources]
         files: dict[str, dict] = {}
@@ -71,11 +71,10 @@ class CompactStage(Stage):
 
             files["index"] = build_segment_index(self.root, name, entry, self.index_params)
             faults.point("compact.index_written")
-        result = {"segment": unit["segment"], "entry": entry,
-                  "dropped_chunks": sum(seg["chunks"] for _, seg in sources) - n_chunks}
-        atomic_write_bytes(marker, json.dumps(result).encode())
+        done = result(unit["segment"], entry, dropped_chunks=sum(seg["chunks"] for _, seg in sources) - n_chunks)
+        atomic_write_bytes(marker, json.dumps(done).encode())
         faults.point("compact.segment_done")
-        return result
+        return done
 
     def _copy_table(self, kind: str, sources, deleted, directory: Path, sum_column: str | None):
         """Stream the rows of `kind` whose document is not deleted into directory/kind.parquet.

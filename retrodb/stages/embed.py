@@ -19,9 +19,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .. import faults
-from ..atomic import atomic_write_bytes, file_record, fsync_file, publish, tmp_path_for
+from ..atomic import atomic_write_bytes, file_record, fsync_file, make_dirs, publish, tmp_path_for
 from ..errors import CorruptDatabase
-from .base import Stage
+from ..snapshot import segment_name
+from .base import Stage, result
 
 ROWS_PER_PASS = 8192  # chunks per durable pass: bounds lost work (and float32 memory) per crash
 PASS_ROWS_ENV = "RETRODB_EMBED_PASS_ROWS"  # overrides ROWS_PER_PASS (crash tests use small passes)
@@ -58,13 +59,19 @@ class EmbedStage(Stage):
         self.embedder.load()
         return max(ROWS_PER_PASS, 128 * self.embedder.batch_size)
 
-    def run(self, unit: tuple[str, dict]) -> dict:
-        name, seg = unit
+    def run(self, unit: dict) -> dict:
+        """`unit`: {"segment": number, "entry": its manifest entry}; the result's entry adds the keys file."""
+        segment, seg = unit["segment"], unit["entry"]
+        name = segment_name(segment)
         final = self.root / "segments" / name / keys_file_name(self.embedder.identity())
-        result = {"segment": name, "chunks": 0, "resumed": 0}
+
+        def done(chunks: int, resumed_chunks: int) -> dict:
+            return result(segment, {"files": {"keys": file_record(self.root, final)}}, resumed=chunks == 0 and
+                          resumed_chunks > 0, chunks=chunks, resumed_chunks=resumed_chunks)
+
         if final.exists():  # finished by an earlier, interrupted run, not yet committed
             self.report(resumed=seg["chunks"])
-            return {**result, "record": file_record(self.root, final), "resumed": seg["chunks"]}
+            return done(0, seg["chunks"])
         texts = chunk_texts(self.root, seg)
         if len(texts) != seg["chunks"]:
             raise CorruptDatabase(f"{name}: chunks.parquet has {len(texts)} rows, the manifest says {seg['chunks']}",
@@ -75,19 +82,19 @@ class EmbedStage(Stage):
             with open(tmp, "wb") as f:
                 np.save(f, np.empty((0, dim), dtype=np.float16))
             publish(tmp, final)
-            return {**result, "record": file_record(self.root, final)}
+            return done(0, 0)
         partial = self.work_dir / f"{name}.keys.npy"
         marker = self.work_dir / f"{name}.rows.json"
-        done = self._rows_done(partial, marker, len(texts), dim)
-        if done:
+        rows_done = self._rows_done(partial, marker, len(texts), dim)
+        if rows_done:
             keys = np.lib.format.open_memmap(partial, mode="r+")
-            self.report(resumed=done)
+            self.report(resumed=rows_done)
         else:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.work_dir)
             marker.unlink(missing_ok=True)
             keys = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(texts), dim))
         per_pass = self.pass_rows()
-        for start in range(done, len(texts), per_pass):
+        for start in range(rows_done, len(texts), per_pass):
             stop = min(start + per_pass, len(texts))
             self.embedder.embed(texts[start:stop], on_batch=lambda n: self.report(chunks=n), out=keys[start:stop])
             keys.flush()
@@ -98,7 +105,7 @@ class EmbedStage(Stage):
         publish(partial, final)
         marker.unlink(missing_ok=True)
         faults.point("embed.segment_done")
-        return {**result, "record": file_record(self.root, final), "chunks": len(texts) - done, "resumed": done}
+        return done(len(texts) - rows_done, rows_done)
 
     @staticmethod
     def _rows_done(partial: Path, marker: Path, rows: int, dim: int) -> int:

@@ -16,8 +16,9 @@ import numpy as np
 
 from .. import faults
 from ..atomic import file_record, publish, tmp_path_for
-from ..errors import CorruptDatabase, RetrodbError, require
-from .base import Stage
+from ..errors import CorruptDatabase, RetrodbError, UsageError, require
+from ..snapshot import segment_name
+from .base import Stage, result
 
 DEFAULT_PARAMS = {"space": "cosine", "M": 32, "ef_construction": 200}
 SPACES = ("cosine", "ip")
@@ -31,9 +32,9 @@ def check_params(params: dict) -> dict:
     """A complete, validated copy of index parameters {space, M, ef_construction}."""
     out = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
     if out["space"] not in SPACES:
-        raise RetrodbError(f"unknown index space {out['space']!r}; use one of {', '.join(SPACES)}")
+        raise UsageError(f"unknown index space {out['space']!r}; use one of {', '.join(SPACES)}")
     if int(out["M"]) < 2 or int(out["ef_construction"]) < 1:
-        raise RetrodbError(f"bad index parameters M={out['M']} ef_construction={out['ef_construction']}",
+        raise UsageError(f"bad index parameters M={out['M']} ef_construction={out['ef_construction']}",
                            hint="M must be at least 2 and ef_construction at least 1 (defaults: 32 and 200)")
     return {"space": str(out["space"]), "M": int(out["M"]), "ef_construction": int(out["ef_construction"])}
 
@@ -90,14 +91,16 @@ class IndexStage(Stage):
         self.params = check_params(params)
         self.threads = threads
 
-    def run(self, unit: tuple[str, dict]) -> dict:
-        name, seg = unit
+    def run(self, unit: dict) -> dict:
+        """`unit`: {"segment": number, "entry": its manifest entry}; the result's entry adds the index file."""
+        segment, seg = unit["segment"], unit["entry"]
+        name = segment_name(segment)
         if "keys" not in seg["files"]:
             raise RetrodbError(f"segment {name} has no keys yet", hint="run: retrodb embed DB")
         final = self.root / "segments" / name / index_file_name(self.params, seg["files"]["keys"])
         if final.exists():  # published by an earlier run that stopped before its commit
             self.report(chunks=seg["chunks"])
-            return {"segment": name, "record": file_record(self.root, final), "chunks": seg["chunks"], "resumed": True}
+            return result(segment, {"files": {"index": file_record(self.root, final)}}, True, chunks=seg["chunks"])
         hnswlib = require("hnswlib", "index")
         from ..executor import default_workers
 
@@ -124,4 +127,4 @@ class IndexStage(Stage):
             tmp.unlink(missing_ok=True)
             raise
         faults.point("index.segment_published")
-        return {"segment": name, "record": file_record(self.root, final), "chunks": len(ids), "resumed": False}
+        return result(segment, {"files": {"index": file_record(self.root, final)}}, chunks=len(ids))

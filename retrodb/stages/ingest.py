@@ -1,4 +1,9 @@
-"""Ingest stage: one work unit of input -> one segment (documents + chunks Parquet)."""
+"""Ingest stage: one work unit of input -> one segment (documents + chunks Parquet).
+
+Memory is bounded per batch of documents and, for a long document, per
+window of its text (see tokenizer.WINDOW_CHARS); a document that cannot be
+tokenised in bounded memory is refused as too-large, naming it.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,11 @@ from pathlib import Path
 from .. import faults
 from ..atomic import atomic_write_bytes
 from ..errors import BadInput
-from ..readers import Document, Issue, ReadOptions, WorkUnit, read_unit
+from ..readers import Document, Issue, ReadOptions, read_unit, unit_size
 from ..segment import SegmentWriter
 from ..snapshot import SEGMENTS, segment_name
-from ..tokenizer import chunk_batch, load_tokenizer
-from .base import Stage
+from ..tokenizer import chunk_batch, load_tokenizer, too_large
+from .base import Stage, result
 
 MAX_ISSUES_KEPT = 200  # per unit; counts are always exact
 BATCH_CHARS = 1 << 20  # tokenise about 1 MB of text per batch call
@@ -67,18 +72,20 @@ class IngestStage(Stage):
     def marker(self, segment: int) -> Path:
         return self.job_dir / f"{segment_name(segment)}.done.json"
 
-    def run(self, unit: WorkUnit) -> dict:
-        marker = self.marker(unit.segment)
+    def run(self, unit: dict) -> dict:
+        """`unit`: {"segment": number, "pieces": [Piece, ...]}."""
+        segment = unit["segment"]
+        marker = self.marker(segment)
         if marker.exists():
-            result = json.loads(marker.read_text())
-            result["resumed"] = True
-            self.report(bytes=unit.size, documents=result["documents"], tokens=result["tokens"])
-            return result
-        seg_dir = self.root / SEGMENTS / segment_name(unit.segment)
+            done = json.loads(marker.read_text())
+            done["resumed"] = True
+            self.report(bytes=unit_size(unit), documents=done["entry"]["documents"], tokens=done["entry"]["tokens"])
+            return done
+        seg_dir = self.root / SEGMENTS / segment_name(segment)
         if seg_dir.exists():  # a half-written attempt of this same unit
             shutil.rmtree(seg_dir)
         tokenizer = load_tokenizer(self.tokenizer_path)
-        writer = SegmentWriter(self.root, seg_dir, unit.segment, self.token_type)
+        writer = SegmentWriter(self.root, seg_dir, segment, self.token_type)
         issues: list[dict] = []
         counts: dict[str, int] = {}
         seen: set[str] = set()
@@ -90,7 +97,7 @@ class IngestStage(Stage):
                 raise BadInput(str(issue), hint="fix the input, or pass --on-error skip to skip bad records")
             counts[issue.kind] = counts.get(issue.kind, 0) + 1
             if len(issues) < MAX_ISSUES_KEPT:
-                issues.append({"kind": issue.kind, "where": issue.where, "message": issue.message})
+                issues.append(issue.to_dict())
 
         def flush() -> None:
             nonlocal batch, batch_chars
@@ -118,6 +125,9 @@ class IngestStage(Stage):
                 if item.doc_id in seen:
                     note(Issue("duplicate-id", item.source, f"duplicate document id {item.doc_id!r}; first one kept"))
                     continue
+                if reason := too_large(tokenizer, item.text):
+                    note(Issue("too-large", item.source, f"document {item.doc_id!r} skipped: {reason}"))
+                    continue
                 seen.add(item.doc_id)
                 batch.append(item)
                 batch_chars += len(item.text)
@@ -131,20 +141,13 @@ class IngestStage(Stage):
             writer.abort()
             raise
         files = writer.close()
-        result = {
-            "segment": unit.segment,
-            "documents": writer.documents,
-            "chunks": writer.chunks,
-            "tokens": writer.tokens,
-            "files": files,
-            "issues": issues,
-            "issue_counts": counts,
-        }
         if writer.documents == 0:
             shutil.rmtree(seg_dir, ignore_errors=True)
-            result["files"] = {}
+            files = {}
+        done = result(segment, {"documents": writer.documents, "chunks": writer.chunks, "tokens": writer.tokens,
+                                "files": files}, issues=issues, issue_counts=counts)
         faults.point("ingest.before_marker")
-        atomic_write_bytes(marker, json.dumps(result).encode())
+        atomic_write_bytes(marker, json.dumps(done).encode())
         faults.point("ingest.segment_done")
-        self.report(bytes=unit.size)
-        return result
+        self.report(bytes=unit_size(unit))
+        return done
