@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HNSWLIB_NO_NATIVE := 1
 
-.PHONY: install demo test test-ray browser bench clean
+.PHONY: install demo test test-ray browser bench model clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,7 @@ install: $(VENV)/.installed
 # (the neighbours change, no retraining), redact, prove the absence.
 Q := "how does a retrieval-enhanced model use its database"
 demo: install
-	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl $(DEMO_DB)-eval $(DEMO_DB)-leaked.txt
+	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl $(DEMO_DB)-eval $(DEMO_DB)-leaked.txt $(DEMO_DB)-model
 	$(BIN)/python -m retrodb.demo_corpus $(DEMO_DB)-corpus
 	$(BIN)/python -m retrodb.demo_corpus --extra $(DEMO_DB)-extra.jsonl
 	$(BIN)/python -m retrodb.demo_corpus --eval $(DEMO_DB)-eval
@@ -54,6 +54,10 @@ demo: install
 	$(BIN)/retrodb redact $(DEMO_DB) --pii email --literal "two trillion tokens" --mode mask --yes
 	$(BIN)/retrodb verify $(DEMO_DB) --absent "retro.author@example.org" --absent "two trillion tokens" --absent-key
 	$(BIN)/retrodb log $(DEMO_DB)
+	@echo "== the bundled RETRO model reads the database: bits per byte of two held-out files before and after"
+	@echo "== add and delete, and a planted secret generated before and after redaction; the weights never change"
+	$(BIN)/python bench/bench_model.py --db $(DEMO_DB) --work $(DEMO_DB)-model --quick \
+		--docs stdlib/colorsys.py stdlib/bisect.py
 
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu and not ray" tests
@@ -73,5 +77,10 @@ browser: install
 bench: install
 	$(BIN)/python bench/run.py
 
+# Reproduce the bundled model (docs/model.md): corpus, tokenizer check, database, training, export.
+# Resumable: rerun after an interruption. MODEL_ARGS="--max-minutes 60" stops (and resumes) training.
+model: install
+	$(BIN)/python -m retrodb.model.recipe --work model-work $(MODEL_ARGS)
+
 clean:
-	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl $(DEMO_DB)-eval $(DEMO_DB)-leaked.txt .pytest_cache
+	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl $(DEMO_DB)-eval $(DEMO_DB)-leaked.txt $(DEMO_DB)-model .pytest_cache

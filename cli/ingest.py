@@ -20,7 +20,7 @@ def ingest(
     on_error: OnErrorOpt = "skip",
     workers: WorkersOpt = None,
     segment_mb: SegmentMbOpt = 64,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer directory for a new database (default: bundled all-MiniLM-L6-v2's).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Tokenizer directory for a new database (default: the bundled RETRO model's byte-level BPE).")] = None,
     chunk_size: Annotated[int, typer.Option(help="Tokens per chunk for a new database.", min=1)] = 64,
     executor: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --executor ray.")] = None,

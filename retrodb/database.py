@@ -31,11 +31,11 @@ DEFAULT_CHUNK_SIZE = 64
 
 def default_config(tokenizer_dir: str | Path | None, chunk_size: int) -> dict:
     from .schema import token_type_for
-    from .tokenizer import default_model_dir, tokenizer_info
+    from .tokenizer import default_lm_tokenizer_dir, tokenizer_info
 
     if chunk_size < 1:
         raise UsageError(f"--chunk-size must be at least 1, not {chunk_size}")
-    info = tokenizer_info(tokenizer_dir or default_model_dir())
+    info = tokenizer_info(tokenizer_dir or default_lm_tokenizer_dir())
     return {
         "chunk_size": chunk_size,
         "tokenizer": {
