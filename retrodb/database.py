@@ -235,6 +235,15 @@ class Database:
                               exclude_same_doc=exclude_same_doc, vectors=vectors, on_warning=on_warning,
                               overlap=overlap)
 
+    def nearest(self, texts: "str | list[str]", k: int = 4, *, ef: int = 64, exact: bool = False,
+                exclude_doc: "str | list[str] | None" = None, device: str = "auto", on_warning=None) -> list:
+        """The k nearest chunks of each query text as (chunk_id, score, segment), best first, reading no text:
+        `query` without its payload (the model's live retrieval reads stored tokens by id instead)."""
+        from .query import searcher_for
+
+        return searcher_for(self, device=device).nearest(texts, k, ef=ef, exact=exact, exclude_doc=exclude_doc,
+                                                          on_warning=on_warning)
+
     # ------------------------------------------------------------ writing
 
     @contextmanager

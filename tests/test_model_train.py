@@ -136,3 +136,33 @@ def test_cli_train_on_a_real_database_killed_then_resumed(tmp_path, cli):
     r = cli("eval", db, tmp_path / "t.txt", "--model", out, "--format", "json")
     assert r.code == 0, r.err
     assert r.json_lines()[0]["bpb"] > 0
+
+
+def test_plant_copies_gives_chunks_their_own_continuation_as_first_neighbour():
+    from retrodb.model.train import plant_copies
+
+    m, B, L, k = 4, 2, 12, 2
+    ids = torch.arange(1, B * L + 1).reshape(B, L)
+    targets = torch.cat([ids[:, 1:], ids[:, -1:] + 100], dim=1)
+    targets[1, 6:] = -100  # the second sequence's document ends at its 7th token
+    old = torch.full((B, L // m, k, 2 * m), 7)
+    old_mask = torch.ones(B, L // m, k, 2 * m, dtype=torch.bool)
+    old[:, :, 1] = 9
+    batch = {"input_ids": ids, "targets": targets, "neighbours": old, "neighbour_mask": old_mask}
+    assert plant_copies(batch, m, 0.0, 0.25, 50, seed=1) is batch
+    out = plant_copies(batch, m, 1.0, 0.0, 50, seed=1)
+    seq0 = torch.cat([ids[0], targets[0, -1:]])
+    for u in range(L // m):  # the first neighbour is chunk u then chunk u+1 of the sequence itself
+        want = seq0[u * m: u * m + 2 * m]
+        assert out["neighbours"][0, u, 0, :len(want)].tolist() == want.tolist()
+        assert out["neighbour_mask"][0, u, 0].tolist() == [True] * len(want) + [False] * (2 * m - len(want))
+        assert (out["neighbours"][0, u, 1] == 7).all()  # the old first neighbour moved down a rank
+    # second sequence: 7 real tokens; chunk 0 is [1..4] + [5..7], chunk 1 has 3 real tokens, chunk 2 none
+    assert out["neighbour_mask"][1, 0, 0].sum() == 7 and out["neighbour_mask"][1, 1, 0].sum() == 3
+    assert (out["neighbours"][1, 2] == old[1, 2]).all()  # a padding chunk is left alone
+    # the choice is a function of the seed (resumed runs plant the same copies), and noise replaces tokens
+    a, b = plant_copies(batch, m, 0.5, 0.5, 50, seed=3), plant_copies(batch, m, 0.5, 0.5, 50, seed=3)
+    assert torch.equal(a["neighbours"], b["neighbours"])
+    noisy = [plant_copies(batch, m, 1.0, 1.0, 50, seed=s)["neighbours"][:, :, 0] for s in range(4)]
+    assert any(not torch.equal(n, out["neighbours"][:, :, 0]) for n in noisy)
+    assert torch.equal(batch["neighbours"], old)  # the input batch is not changed

@@ -167,3 +167,18 @@ def test_cli_eval_and_generate_json(model_dir, db, tmp_path, cli):
     r = cli("eval", db, tmp_path / "missing.txt", "--model", model_dir)
     assert r.code == 1 and "missing.txt" in r.err
     assert retrodb.open(db).stats()["documents"] == 12
+
+
+def test_fast_retrieval_reads_the_same_tokens_as_the_query_path(db):
+    """Eval's retrieval (ids, then stored tokens: no text read) equals the full query path's [N, F]."""
+    from retrodb.model.retrieval import database_handle, retrieve
+
+    handle = database_handle(db)
+    texts = [make_text(i, 12) for i in range(5)] + ["retrieval database chunk"]
+    fast = retrieve(handle, texts, 3, M, exclude_doc=["d1"])
+    full = retrieve(handle, texts, 3, M, exclude_doc=["d1"], with_text=True)
+    assert fast.tokens.shape == (len(texts), 3, 2 * M)
+    assert (fast.tokens == full.tokens).all() and (fast.mask == full.mask).all()
+    assert [[cid for cid, _ in row] for row in fast.neighbours] == \
+        [[n.chunk_id for n in row] for row in full.neighbours]
+    assert all(n.doc_id != "d1" for row in full.neighbours for n in row)

@@ -71,7 +71,7 @@ def generate(lm, db, prompt: str, *, max_new_tokens: int = 64, temperature: floa
         while db is not None and len(nb_tokens) < C:  # retrieve for the chunk that just completed
             u = len(nb_tokens)
             text = lm.tokenizer.decode(ids[u * m: (u + 1) * m])
-            got = retrieve(db, [text], k, m, exclude_doc=exclude_doc)
+            got = retrieve(db, [text], k, m, exclude_doc=exclude_doc, with_text=True)
             nb_tokens.append(got.tokens[0])
             nb_masks.append(got.mask[0])
             chunks.append(ChunkNeighbours(text, [{"chunk_id": n.chunk_id, "doc_id": n.doc_id, "score": n.score,

@@ -19,7 +19,7 @@ _HANDLES: dict = {}  # database root -> the Database handle this process retriev
 class Retrieved:
     tokens: np.ndarray  # (n, k, 2m) int64: neighbour chunk then its continuation, 0-padded
     mask: np.ndarray  # (n, k, 2m) bool: True at real tokens
-    neighbours: list[list]  # per query, the retrodb.query.Neighbour objects, best first
+    neighbours: list[list]  # per query, best first: (chunk_id, score) pairs, or Neighbour objects (with_text)
 
 
 def database_handle(db):
@@ -57,13 +57,34 @@ def neighbour_arrays(results, k: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     return tokens, mask
 
 
-def retrieve(db, texts: list[str], k: int, m: int, *, exclude_doc=None, on_batch=None) -> Retrieved:
-    """The k nearest chunks of each text in `db` (a retrodb.Database), leaving out `exclude_doc`."""
-    results = []
+def retrieve(db, texts: list[str], k: int, m: int, *, exclude_doc=None, on_batch=None,
+             with_text: bool = False) -> Retrieved:
+    """The k nearest chunks of each text in `db` (a retrodb.Database), leaving out `exclude_doc`.
+
+    By default only what the model reads is fetched: the neighbours' ids (`Database.nearest`), then
+    their stored [N, F] token ids (`retrodb.data.neighbour_tokens`); `neighbours` holds (chunk_id,
+    score) pairs. `with_text` goes through `Database.query` instead, and `neighbours` holds its
+    `Neighbour` objects (document, text, continuation), for showing what was retrieved.
+    """
+    if with_text:
+        results = []
+        for i in range(0, len(texts), QUERY_BATCH):
+            part = texts[i: i + QUERY_BATCH]
+            results.extend(db.query(part, k, exclude_doc=exclude_doc or None))
+            if on_batch is not None:
+                on_batch(len(part))
+        tokens, mask = neighbour_arrays(results, k, m)
+        return Retrieved(tokens, mask, [r.neighbours[:k] for r in results])
+    from ..data import neighbour_tokens
+
+    ids = np.full((len(texts), k), -1, dtype=np.int64)
+    hits: list[list] = []
     for i in range(0, len(texts), QUERY_BATCH):
         part = texts[i: i + QUERY_BATCH]
-        results.extend(db.query(part, k, exclude_doc=exclude_doc or None))
+        for j, row in enumerate(db.nearest(part, k, exclude_doc=exclude_doc or None)):
+            ids[i + j, : len(row)] = [cid for cid, _, _ in row[:k]]
+            hits.append([(cid, score) for cid, score, _ in row[:k]])
         if on_batch is not None:
             on_batch(len(part))
-    tokens, mask = neighbour_arrays(results, k, m)
-    return Retrieved(tokens, mask, [r.neighbours[:k] for r in results])
+    tokens, mask = neighbour_tokens(db, ids, m)
+    return Retrieved(tokens, mask, hits)

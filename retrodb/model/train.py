@@ -56,6 +56,11 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest step directories kept
     workers: int = 0  # data-loading processes (0: in the training process)
     max_minutes: float | None = None  # stop with a checkpoint after this much wall time (this run)
+    # Near-duplicate neighbours (see `plant_copies`): the share of training chunks whose first neighbour is
+    # a copy of their own [N, F], and the most of that copy's tokens replaced by random ones. 0: the paper's
+    # data exactly (other documents only).
+    copy_prob: float = 0.0
+    copy_noise: float = 0.25
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -104,6 +109,42 @@ def make_batches(dataset, cfg: TrainConfig, position: int):
 
     return iter(DataLoader(dataset, batch_size=cfg.batch_size, sampler=sample_order(len(dataset), cfg.seed, position),
                            num_workers=cfg.workers, persistent_workers=cfg.workers > 0))  # default_collate: stacked
+
+
+def plant_copies(batch: dict, m: int, prob: float, noise: float, vocab_size: int, seed: int) -> dict:
+    """Give a share `prob` of the training chunks a near-duplicate of their own [N, F] as first neighbour.
+
+    Why: RETRO learns to read its neighbours, and to copy from them, because a web-scale corpus is full
+    of near-duplicates across documents (the paper, section 4.3: its gains grow with the overlap between
+    the evaluation text and what it retrieves). A few million tokens of Python sources hold too few, and
+    a model trained only on other documents' neighbours never learns that a neighbour can hold the very
+    next tokens: the one situation an `add` of the text itself creates. So, with probability `prob` per
+    chunk u, the neighbours shift down one rank and the first becomes chunk u followed by chunk u+1 of
+    the sequence itself (the tokens the positions reading it must predict), up to `noise` x 2m of its
+    tokens replaced at random (a near-duplicate, not always an exact one). Validation never sees this.
+    `seed` makes the choice a function of the step, so a resumed run plants the same copies.
+    """
+    if prob <= 0:
+        return batch
+    g = torch.Generator().manual_seed(seed)
+    ids, targets, old, old_mask = batch["input_ids"], batch["targets"], batch["neighbours"], batch["neighbour_mask"]
+    B, L = ids.shape
+    C = old.shape[1]
+    seq = torch.cat([ids, targets[:, -1:].clamp(min=0), ids.new_zeros(B, 2 * m)], dim=1)  # (B, L+1+2m)
+    real = torch.cat([torch.ones(B, 1, dtype=torch.bool), targets != -100, torch.zeros(B, 2 * m, dtype=torch.bool)], 1)
+    own = seq.unfold(1, 2 * m, m)[:, :C]  # (B, C, 2m): chunk u then chunk u+1
+    own_mask = real.unfold(1, 2 * m, m)[:, :C]  # (B, C, 2m)
+    rate = torch.rand(B, C, 1, generator=g) * noise  # each copy's share of random tokens
+    swap = (torch.rand(B, C, 2 * m, generator=g) < rate) & own_mask
+    own = torch.where(swap, torch.randint(0, vocab_size, own.shape, generator=g), own)
+    chosen = (torch.rand(B, C, generator=g) < prob) & own_mask[:, :, 0]  # (B, C); only real chunks
+    pick = chosen[:, :, None, None]  # (B, C, 1, 1)
+    shifted = torch.cat([own[:, :, None], old[:, :, :-1]], dim=2)  # (B, C, k, 2m)
+    shifted_mask = torch.cat([own_mask[:, :, None], old_mask[:, :, :-1]], dim=2)
+    out = dict(batch)
+    out["neighbours"] = torch.where(pick, shifted, old)
+    out["neighbour_mask"] = torch.where(pick, shifted_mask, old_mask)
+    return out
 
 
 def autocast(device: str, dtype: str):
@@ -265,6 +306,7 @@ def train(db_path: str | Path, out: str | Path, cfg: TrainConfig | None = None, 
     def elapsed() -> float:  # wall time over every run of this training
         return elapsed_before + time.perf_counter() - run_started
 
+    if state is not None:
         torch.set_rng_state(state["rng"])
     batches = make_batches(train_set, cfg, position)
     first = next(batches)
@@ -303,7 +345,9 @@ def train(db_path: str | Path, out: str | Path, cfg: TrainConfig | None = None, 
         while step < cfg.steps:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
-            loss = forward_loss(model, batch, device, dtype)
+            planted = plant_copies(batch, model.cfg.chunk_size, cfg.copy_prob, cfg.copy_noise, model.cfg.vocab_size,
+                                   seed=cfg.seed * 1_000_003 + step)
+            loss = forward_loss(model, planted, device, dtype)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
