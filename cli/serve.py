@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -16,6 +17,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port (0: any free port).", min=0, max=65535)] = 8750,
     device: DeviceOpt = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Segments searched at once (default: all cores).", min=1)] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", help="RETRO model for generate and eval (a model directory or a `retrodb train` output); default: the bundled model, when it fits the database.", show_default=False)] = None,
 ) -> None:
     """A warm, read-only server: the neighbour debugger in the browser and a JSON API.
 
@@ -29,6 +31,8 @@ def serve(
       POST /api/query                     {"texts": [...] | "chunk_ids": [...], "k", "ef", "exact", "exclude_doc", "exclude_same_doc"}
       GET  /api/chunks/ID/neighbours?k=4  neighbours of a stored chunk (its own document left out)
       GET  /api/document?doc_id=ID        a document's text and chunks
+      POST /api/generate                  {"prompt", "max_new_tokens", "temperature", "top_p", "seed", "retrieval", "k"}
+      POST /api/eval                      {"texts": [...], "k", "exclude_doc"}: bits per byte with and without retrieval
 
     [bold]Examples[/]
 
@@ -44,7 +48,7 @@ def serve(
     if warning:
         out.warn(warning)
     out.err.print(f"loading {db} (embedder and indexes)…", highlight=False, markup=False)
-    run_serve(db, host or DEFAULT_HOST, port, device=device, threads=threads,
+    run_serve(db, host or DEFAULT_HOST, port, device=device, threads=threads, model=model, on_note=out.warn,
               on_ready=lambda url: out.err.print(f"serving {db} at {url}  (read-only; Ctrl-C stops)",
                                                  highlight=False, markup=False))
 

@@ -12,6 +12,11 @@ The service never writes to the database (no lock, no file written), so any numb
 beside it. All database access goes through one lock: queries are short, and the searcher and the
 embedder are not meant to be shared by threads.
 
+When the RETRO model fits the database (the bundled one does for a database built with the default
+tokenizer; `--model DIR` for another), the service also holds it: `/api/generate` continues a prompt,
+retrieving for each completed chunk, and `/api/eval` gives bits per byte with and without retrieval.
+Both read the database as it is at the request, like queries.
+
 `create_app(service)` is a Starlette application; `serve()` runs it under uvicorn.
 """
 
@@ -112,10 +117,67 @@ def _bool(body: dict, name: str, default: bool) -> bool:
     return v
 
 
+@dataclass
+class GenerateRequest:
+    prompt: str
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int = 0
+    retrieval: bool = True
+    k: int = 2
+
+    @classmethod
+    def from_json(cls, body: Any) -> "GenerateRequest":
+        _fields(body, {"prompt", "max_new_tokens", "temperature", "top_p", "seed", "retrieval", "k"},
+                '{"prompt": "def fibonacci(n):", "max_new_tokens": 64}')
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadRequest("prompt must be a non-empty string")
+        return cls(prompt=prompt, max_new_tokens=_int(body, "max_new_tokens", 64, 1, 1024),
+                   temperature=_float(body, "temperature", 0.8, 0.0, 10.0), top_p=_float(body, "top_p", 0.95, 1e-6, 1.0),
+                   seed=_int(body, "seed", 0, 0, 2**63 - 1), retrieval=_bool(body, "retrieval", True),
+                   k=_int(body, "k", 2, 1, 16))
+
+
+@dataclass
+class EvalRequest:
+    texts: list[str]
+    k: int = 2
+    exclude_doc: list[str] | None = None
+
+    @classmethod
+    def from_json(cls, body: Any) -> "EvalRequest":
+        _fields(body, {"text", "texts", "k", "exclude_doc"}, '{"texts": ["some text to score"], "k": 2}')
+        texts = _list_of(body, "text", "texts", str)
+        if not texts or not all(t.strip() for t in texts):
+            raise BadRequest("give texts (or text): non-empty strings")
+        if len(texts) > MAX_QUERIES:
+            raise BadRequest(f"at most {MAX_QUERIES} texts per request")
+        return cls(texts=texts, k=_int(body, "k", 2, 1, 16), exclude_doc=_list_of(body, "exclude_doc", "exclude_doc", str))
+
+
+def _fields(body: Any, known: set[str], example: str) -> None:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object", hint=example)
+    unknown = set(body) - known
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}",
+                         hint="fields: " + ", ".join(sorted(known)))
+
+
+def _float(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(name, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+        raise BadRequest(f"{name} must be a number from {lo} to {hi}")
+    return float(v)
+
+
 class Service:
     """The warm state of `retrodb serve`: one database handle that follows commits, never writes."""
 
-    def __init__(self, root: str | Path, *, device: str = "auto", threads: int | None = None):
+    def __init__(self, root: str | Path, *, device: str = "auto", threads: int | None = None,
+                 model: str | Path | None = None, with_model: bool = True):
         self.root = Path(root)
         if not (self.root / snap.CURRENT).exists():
             raise DatabaseNotFound(f"no retrodb database at {self.root}",
@@ -125,6 +187,25 @@ class Service:
         self.threads = threads
         self.started = time.time()
         self._lock = threading.RLock()
+        self.lm = None
+        self.model_note: str | None = None  # why there is no model, when there is none
+        if with_model or model is not None:
+            self._load_model(model)
+
+    def _load_model(self, model: str | Path | None) -> None:
+        """The RETRO model for generate and eval: `model`, else the bundled one if it fits this database.
+        A model asked for by name must fit; the bundled one that does not is left out, and health says why."""
+        from .model.lm import load
+
+        try:
+            lm = load(model, device=self.device)
+            lm.check_database(self.db)
+        except RetrodbError as exc:
+            if model is not None:
+                raise
+            self.model_note = exc.message
+            return
+        self.lm = lm
 
     # ------------------------------------------------------------ snapshot
 
@@ -171,7 +252,45 @@ class Service:
     def health(self) -> dict:
         return self._run(lambda db: {"ok": True, "version": db.version, "path": str(self.root.resolve()),
                                      "embedder": (db.config.get("embedder") or {}).get("path"),
+                                     "model": self.lm.describe() if self.lm else None,
+                                     "model_note": self.model_note,
                                      "uptime_s": round(time.time() - self.started, 1)})
+
+    def _model(self):
+        if self.lm is None:
+            raise NotFound("this server has no RETRO model" + (f": {self.model_note}" if self.model_note else ""),
+                           hint="start it with --model DIR (a model trained on this database's tokenizer)")
+        return self.lm
+
+    def generate(self, req: GenerateRequest) -> dict:
+        """Continue a prompt, retrieving for each completed chunk from the current snapshot."""
+        lm = self._model()
+        started = time.perf_counter()
+
+        def go(db: Database) -> dict:
+            g = lm.generate(db if req.retrieval else None, req.prompt, max_new_tokens=req.max_new_tokens,
+                            temperature=req.temperature, top_p=req.top_p, seed=req.seed, retrieval=req.retrieval,
+                            k=req.k)
+            prompt_tokens = len(lm.tokenizer.encode(req.prompt, add_special_tokens=False).ids)
+            return {"version": db.version, **g.to_dict(with_text=True), "prompt_tokens": prompt_tokens,
+                    "chunk_size": lm.chunk_size}
+
+        out = self._run(go)
+        out["seconds"] = round(time.perf_counter() - started, 6)
+        return out
+
+    def eval(self, req: EvalRequest) -> dict:
+        """Bits per byte of texts with retrieval from the current snapshot and without (`retrodb eval`)."""
+        lm = self._model()
+        started = time.perf_counter()
+
+        def go(db: Database) -> dict:
+            report = lm.bpb(db, req.texts, k=req.k, exclude_doc=req.exclude_doc)
+            return {"version": db.version, **report.to_dict()}
+
+        out = self._run(go)
+        out["seconds"] = round(time.perf_counter() - started, 6)
+        return out
 
     def warm(self) -> None:
         """Load the embedder and every index now, so that the first request is as fast as the rest."""
@@ -285,6 +404,20 @@ def create_app(service: Service):
             return error(exc)
         return await call(service.query, req)
 
+    async def generate(request: Request) -> JSONResponse:
+        try:
+            req = GenerateRequest.from_json(await body_of(request))
+        except BadRequest as exc:
+            return error(exc)
+        return await call(service.generate, req)
+
+    async def evaluate(request: Request) -> JSONResponse:
+        try:
+            req = EvalRequest.from_json(await body_of(request))
+        except BadRequest as exc:
+            return error(exc)
+        return await call(service.eval, req)
+
     async def document(request: Request) -> JSONResponse:
         doc_id = request.query_params.get("doc_id")
         if not doc_id:
@@ -307,6 +440,8 @@ def create_app(service: Service):
         Route("/api/query", query, methods=["POST"]),
         Route("/api/chunks/{chunk_id:int}/neighbours", chunk_neighbours),
         Route("/api/document", document),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/eval", evaluate, methods=["POST"]),
     ]
     return Starlette(routes=routes)
 
@@ -330,13 +465,17 @@ def check_host(host: str, explicit: bool) -> str | None:
 
 
 def serve(root: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, device: str = "auto",
-          threads: int | None = None, log_level: str = "warning", on_ready: Callable[[str], None] | None = None,
+          threads: int | None = None, model: str | Path | None = None, log_level: str = "warning",
+          on_ready: Callable[[str], None] | None = None, on_note: Callable[[str], None] | None = None,
           warm: bool = True) -> None:
-    """Run the server until interrupted. `warm` loads the embedder and indexes before accepting requests."""
+    """Run the server until interrupted. `warm` loads the embedder and indexes before accepting requests.
+    `model`: the RETRO model for generate and eval (default: the bundled one, if it fits the database)."""
     from .errors import require
 
     uvicorn = require("uvicorn", "serve")
-    service = Service(root, device=device, threads=threads)
+    service = Service(root, device=device, threads=threads, model=model)
+    if on_note is not None and service.model_note:
+        on_note(f"no RETRO model (generate and eval are off): {service.model_note}")
     if warm:
         service.warm()
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level=log_level, access_log=False)

@@ -87,3 +87,20 @@ def test_errors_show_on_the_page(page_server, browser):
     page.wait_for_selector(".error")
     assert "123456789" in page.inner_text(".error")
     page.close()
+
+
+def test_generation_view_shows_what_each_chunk_retrieved(page_server, browser):
+    from tests.conftest import make_text
+
+    page = browser.new_page()
+    page.goto(page_server.url + "/")
+    page.wait_for_selector("#nav-generate:not([hidden])")
+    page.click("#nav-generate")
+    page.fill("#prompt", make_text(5, 120))
+    page.fill("#max-new", "4")
+    page.click("#gen-form button[type=submit]")
+    page.wait_for_selector(".gen .chunk ul li")
+    items = page.query_selector_all(".gen .chunk ul li")
+    assert items and all(li.query_selector(".neighbour-text").inner_text().strip() for li in items)
+    assert "retrieved for it" in page.inner_text("#gen-results")
+    page.close()

@@ -257,3 +257,49 @@ def test_query_cli_server_process_does_not_import_torch(server):
 def test_unreachable_server_is_a_clear_error(cli, served_db):
     res = cli("query", served_db, "x", "--server", f"http://127.0.0.1:{free_port()}")
     assert res.code == 1 and "cannot reach the retrodb server" in res.err
+
+
+def test_generate_and_eval_read_the_database_live(server):
+    from tests.conftest import make_text
+
+    health = server.get("/api/health")[1]
+    assert health["model"] == "the bundled RETRO model" and health["model_note"] is None
+    prompt = make_text(3, 120)  # well over one 64-token chunk: retrieval happens for its complete chunks
+    status, g = server.post("/api/generate", {"prompt": prompt, "max_new_tokens": 6, "temperature": 0, "k": 2})
+    assert status == 200, g
+    assert g["prompt"] == prompt and isinstance(g["text"], str) and g["chunk_size"] == 64
+    assert g["prompt_tokens"] >= 64 and len(g["chunks"]) >= g["prompt_tokens"] // 64
+    first = g["chunks"][0]
+    assert len(first["neighbours"]) == 2
+    assert {"chunk_id", "doc_id", "score", "text", "continuation"} <= set(first["neighbours"][0])
+    status, plain = server.post("/api/generate", {"prompt": prompt, "max_new_tokens": 6, "temperature": 0,
+                                                   "retrieval": False})
+    assert status == 200 and plain["chunks"] == []
+    status, e = server.post("/api/eval", {"texts": [prompt], "k": 2})
+    assert status == 200, e
+    assert e["bpb"] > 0 and e["bpb_no_retrieval"] > 0 and e["tokens"] > 100 and len(e["files"]) == 1
+    for bad in ({"prompt": ""}, {"prompt": "x", "max_new_tokens": 0}, {"prompt": "x", "top_p": 2},
+                {"prompt": "x", "temperature": "hot"}, {"prompt": "x", "secret": 1}):
+        status, err = server.post("/api/generate", bad)
+        assert status == 400 and err["error"], bad
+    status, err = server.post("/api/eval", {"texts": []})
+    assert status == 400
+
+
+def test_a_model_that_does_not_fit_the_database_is_left_out_and_said(tmp_path):
+    from retrodb.ingest import IngestOptions, ingest
+    from retrodb.tokenizer import default_model_dir
+
+    root = tmp_path / "other"
+    src = write_jsonl(tmp_path / "o.jsonl", ["o1", "o2"])
+    ingest(root, [str(src)], IngestOptions(workers=1), tokenizer=default_model_dir())  # MiniLM's tokenizer
+    running = Running(root)
+    try:
+        health = running.get("/api/health")[1]
+        assert health["model"] is None and "tokenizer" in health["model_note"]
+        status, err = running.post("/api/generate", {"prompt": "hello"})
+        assert status == 404 and "no RETRO model" in err["error"] and err["hint"]
+    finally:
+        running.stop()
+    with pytest.raises(retrodb.RetrodbError):  # a model asked for by name must fit
+        Service(root, model=REPO / "retrodb" / "model" / "bundled")
