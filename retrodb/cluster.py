@@ -321,11 +321,16 @@ class _Job:
         self.started = time.monotonic()
         self.per_node: dict[str, dict] = {}
         self.node_address = {n["NodeID"]: n.get("NodeManagerAddress") for n in ray.nodes()}
-        here = ray.get_runtime_context().get_node_id()
-        sink_cls = _wrapped("sink", _ProgressSink)
-        self.sink = sink_cls.options(num_cpus=0, scheduling_strategy=_on_node(ray, here)).remote()
         self.last_drain = 0.0
         self.pool = _ActorPool(ray, stage, ex.actors) if ex.actors is not None else None
+        here = ray.get_runtime_context().get_node_id()  # the sink lives and dies with the coordinator's node
+        try:
+            self.sink = _wrapped("sink", _ProgressSink).options(
+                num_cpus=0, scheduling_strategy=_on_node(ray, here)).remote()
+        except BaseException:
+            if self.pool is not None:
+                self.pool.close()
+            raise
         if self.pool is None:
             self.task = _wrapped("run_unit", _run_unit)
             self.stage_ref = ray.put(stage)
@@ -481,7 +486,7 @@ class _Job:
                 if active > 0:
                     rec[f"{k}_per_s"] = round(v / active, 1)
             if self.pool is not None:
-                rec["actors"] = [a for a in self.pool.info if a.get("node") == node]
+                rec["actors"] = [{**a, "node": node[:12]} for a in self.pool.info if a.get("node") == node]
             out.append(rec)
         return out
 

@@ -8,12 +8,10 @@ Run with `make test-ray` (installs the ray extra); `make test` skips these.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import retrodb
@@ -68,10 +66,6 @@ def same_database(a: Path, b: Path) -> None:
     assert ka and ka == kb
     q = "SELECT chunk_id, char_start, char_end, segment FROM chunks ORDER BY chunk_id"
     assert retrodb.open(a).sql(q).equals(retrodb.open(b).sql(q))
-
-
-def total_failed(report) -> int:
-    return sum(n["failed_units"] for figures in report.nodes.values() for n in figures)
 
 
 # ---------------------------------------------------------------- the same database
@@ -142,11 +136,7 @@ def test_a_worker_killed_mid_ingest_costs_only_its_unit(tmp_path, cluster):
         report = ingest(tmp_path / "ray", [str(src)], IngestOptions(executor="ray", segment_bytes=2500))
     assert once.exists()  # one worker died after writing its segment's files, before its marker
     assert report.retried_units == 1 and report.segments == local.segments
-    same_database_rows(tmp_path / "local", tmp_path / "ray")
-
-
-def same_database_rows(a: Path, b: Path) -> None:
-    assert content(a) == content(b)
+    assert content(tmp_path / "local") == content(tmp_path / "ray")
 
 
 def test_an_actor_killed_mid_embed_is_replaced_and_its_unit_resumes(tmp_path, cluster, tiny_bert, monkeypatch):
