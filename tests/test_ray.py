@@ -110,6 +110,18 @@ def test_every_stage_on_ray_matches_local(tmp_path, cluster, tiny_bert):
     assert [n.chunk_id for n in hits[0]] == [n.chunk_id for n in hits[1]]
 
 
+@pytest.mark.slow
+def test_minilm_fp32_keys_on_ray_are_byte_identical_to_local(tmp_path, cluster):
+    """The bundled MiniLM in fp32: one-thread CPU actors on the cluster, two torch threads locally, same bytes."""
+    src = corpus(tmp_path / "docs.jsonl", 12)
+    ingest(tmp_path / "local", [str(src)], IngestOptions(workers=1, segment_bytes=3000))
+    shutil.copytree(tmp_path / "local", tmp_path / "ray")
+    embed(tmp_path / "local", dtype="fp32")
+    report = embed(tmp_path / "ray", dtype="fp32", executor="ray")
+    assert (report.device, report.dtype) == ("cpu", "fp32") and len(report.segments) >= 2
+    assert keys_by_chunk(tmp_path / "local") == keys_by_chunk(tmp_path / "ray")
+
+
 def test_cli_on_ray_one_bar_and_json_figures(cli, tmp_path, cluster):
     src = corpus(tmp_path / "docs.jsonl")
     db = tmp_path / "db"
