@@ -284,6 +284,8 @@ def compare_dtypes(model_dir: Path, device: str, texts: list[str], batch_size: i
         for name, e in embs.items():
             speeds[name].append(len(texts) / time_bare(e, inputs[name]))
     keys = {name: e.embed(texts) for name, e in embs.items()}
+    for e in embs.values():
+        e.close()  # their pipeline threads and tokenising processes
     cos = cosines(keys["bf16"], keys["fp32"])
     out = {"texts": len(texts), "batch": batch_size, "rounds": rounds,
            "fp32": statistics.median(speeds["fp32"]), "bf16": statistics.median(speeds["bf16"]),
