@@ -62,7 +62,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu and not ray" tests
 
-# The Ray executor's tests (the ray extra is optional and large; CI does not install it).
+# The Ray executor's tests on a three-node local cluster (tests/test_ray.py; about 1.5 minutes on 2 cores).
+# The ray extra is optional: `make test` skips these; CI (.ci/run) runs both targets.
 test-ray: install
 	$(BIN)/pip install -q -e '.[ray]'
 	$(BIN)/python -m pytest -q -m ray tests

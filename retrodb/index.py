@@ -18,7 +18,7 @@ from pathlib import Path
 from . import faults
 from .database import Database
 from .errors import ConfigMismatch, MissingStage
-from .executor import make_executor
+from .executor import check_executor, make_executor, node_figures
 from .snapshot import segment_name
 from .stages.base import merge_result, segment_unit
 from .stages.index import DEFAULT_PARAMS, IndexStage, check_params, index_is_current
@@ -36,6 +36,8 @@ class IndexReport:
     up_to_date: int = 0  # segments whose index was already current
     without_keys: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    nodes: dict = field(default_factory=dict)  # on Ray: {"index": [per-node figures]}
+    retried_units: int = 0  # on Ray: unit attempts lost to a dead worker or node, and run again
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -71,7 +73,11 @@ def index(root: str | Path, *, space: str | None = None, M: int | None = None, e
           threads: int | None = None, rebuild: bool = False, commit_every: int = DEFAULT_COMMIT_EVERY,
           executor: str = "local", ray_address: str | None = None, wait: float = 0.0,
           progress=None) -> IndexReport:
-    """Build the HNSW index of every segment of the database at `root` that has keys and no current index."""
+    """Build the HNSW index of every segment of the database at `root` that has keys and no current index.
+
+    Locally one segment at a time on `threads` threads (default all cores); on Ray each segment is a task of
+    `threads` CPUs (default 1), as many at once as the cluster has room for."""
+    check_executor(executor)
     if commit_every < 1:
         commit_every = 1
     db = Database(root)
@@ -112,10 +118,17 @@ def index(root: str | Path, *, space: str | None = None, M: int | None = None, e
             if len(pending) >= commit_every:
                 commit()
 
+        if executor == "ray":
+            threads = threads or 1
         stage = IndexStage(w.root, params, threads)
         on_progress = (lambda c: progress({**c, "advance": c.get("chunks", 0)})) if progress is not None else None
-        make_executor(executor, 1, ray_address).run(stage, [segment_unit(n, s) for n, s in todo],
-                                                    on_result=on_result, on_progress=on_progress)
+        runner = make_executor(executor, 1, ray_address, cpus_per_task=threads or 1)
+        try:
+            runner.run(stage, [segment_unit(n, s) for n, s in todo], on_result=on_result, on_progress=on_progress)
+        finally:
+            if executor == "ray":
+                report.nodes = {"index": node_figures(runner)}
+                report.retried_units = runner.retried
         if pending or recorded != params:
             commit()
         report.version = w.base.version

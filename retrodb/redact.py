@@ -534,8 +534,8 @@ def _start(w, plan: RedactionPlan, selectors, mode: str, mask_token: str, ignore
         job = "redact-mask"
         piece = Piece("documents", "<redact>", size=sum(len(d.text) for d in docs), documents=docs)
         staged = stage_sources(w, job, [piece], [], IngestOptions(workers=1), replace=True)
-        embedder, index_builder = segment_finishers(w.base.config, device)
-        finish_segments(w, staged.job_dir, staged.entries, embedder, index_builder)
+        embedder, index_params = segment_finishers(w.base.config, device)
+        finish_segments(w, staged.job_dir, staged.entries, embedder, index_params)
         data["segments"].update(staged.entries)
         data["next_segment"] = staged.next_segment
         report.masked_documents = sum(e["documents"] for e in staged.entries.values())
