@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HNSWLIB_NO_NATIVE := 1
 
-.PHONY: install demo test test-ray bench clean
+.PHONY: install demo test test-ray browser bench model clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,7 @@ install: $(VENV)/.installed
 # (the neighbours change, no retraining), redact, prove the absence.
 Q := "how does a retrieval-enhanced model use its database"
 demo: install
-	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl $(DEMO_DB)-eval $(DEMO_DB)-leaked.txt
+	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl $(DEMO_DB)-eval $(DEMO_DB)-leaked.txt $(DEMO_DB)-model
 	$(BIN)/python -m retrodb.demo_corpus $(DEMO_DB)-corpus
 	$(BIN)/python -m retrodb.demo_corpus --extra $(DEMO_DB)-extra.jsonl
 	$(BIN)/python -m retrodb.demo_corpus --eval $(DEMO_DB)-eval
@@ -54,17 +54,34 @@ demo: install
 	$(BIN)/retrodb redact $(DEMO_DB) --pii email --literal "two trillion tokens" --mode mask --yes
 	$(BIN)/retrodb verify $(DEMO_DB) --absent "retro.author@example.org" --absent "two trillion tokens" --absent-key
 	$(BIN)/retrodb log $(DEMO_DB)
+	@echo "== the bundled RETRO model reads the database: bits per byte of two held-out files before and after"
+	@echo "== add and delete, and a planted secret generated before and after redaction; the weights never change"
+	$(BIN)/python bench/bench_model.py --db $(DEMO_DB) --work $(DEMO_DB)-model --quick \
+		--docs stdlib/colorsys.py stdlib/bisect.py
 
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu and not ray" tests
 
-# The Ray executor's tests (the ray extra is optional and large; CI does not install it).
+# The Ray executor's tests on a three-node local cluster (tests/test_ray.py; about 1.5 minutes on 2 cores).
+# The ray extra is optional: `make test` skips these; CI (.ci/run) runs both targets.
 test-ray: install
 	$(BIN)/pip install -q -e '.[ray]'
 	$(BIN)/python -m pytest -q -m ray tests
 
+# The browser test of `retrodb serve`: Playwright (Python) driving Debian's Chromium (no browser download).
+# Without them, tests/test_browser.py is skipped and says how to install them.
+browser: install
+	$(BIN)/pip install -q -e '.[browser]'
+	command -v chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; } \
+		|| echo "make browser: could not install chromium (apt-get needs root); the browser test will be skipped"
+
 bench: install
 	$(BIN)/python bench/run.py
 
+# Reproduce the bundled model (docs/model.md): corpus, tokenizer check, database, training, export.
+# Resumable: rerun after an interruption. MODEL_ARGS="--max-minutes 60" stops (and resumes) training.
+model: install
+	$(BIN)/python -m retrodb.model.recipe --work model-work $(MODEL_ARGS)
+
 clean:
-	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl $(DEMO_DB)-eval $(DEMO_DB)-leaked.txt .pytest_cache
+	rm -rf $(DEMO_DB) $(DEMO_DB)-corpus $(DEMO_DB)-extra.jsonl $(DEMO_DB)-eval $(DEMO_DB)-leaked.txt $(DEMO_DB)-model .pytest_cache

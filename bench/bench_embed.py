@@ -16,7 +16,9 @@ copy, which adds the model load, the dtype probe and the commit.
     python bench/bench_embed.py                      # CPU, bundled MiniLM
     python bench/bench_embed.py --model DIR --rounds 3 --device cuda --copies 25
 
-bench/gpu_embed.py runs the same measurements on a GPU for MiniLM and a bert-base-sized model.
+bench/gpu_embed.py runs these on a GPU for MiniLM and a bert-base-sized model, with the stage streamed over
+the whole database as `embed()` runs it (`measure_stream`, same batch for both) and a profiler summary
+(`profile_stage`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def segments_of(db_path: Path) -> list[tuple[str, dict]]:
 
 
 def all_texts(db_path: Path) -> list[str]:
-    return [t for _, seg in segments_of(db_path) for t in chunk_texts(db_path, seg)]
+    return [t for _, seg in segments_of(db_path) for t in chunk_texts(db_path, seg.to_json())]
 
 
 def sync(emb: BertEmbedder) -> None:
@@ -97,8 +99,12 @@ def time_bare(emb: BertEmbedder, inputs: list) -> float:
     return time.perf_counter() - started
 
 
-def time_stage(emb: BertEmbedder, db_path: Path, work: Path, units: list | None = None) -> float:
-    """Seconds for the embed stage over `units` (default: every segment); keys written, then removed."""
+def time_stage(emb: BertEmbedder, db_path: Path, work: Path, units: list | None = None, threads: int = 1) -> float:
+    """Seconds for the embed stage over `units` (default: every segment), one after another (`threads=1`) or as
+    `embed()` runs them (`threads=2`: two units at a time on one model, so a segment is read and tokenised while
+    another is on the model); keys written, then removed."""
+    from retrodb.executor import make_executor
+
     units = units or segments_of(db_path)
     name = keys_file_name(emb.identity())
     for seg_name, _ in units:
@@ -107,10 +113,14 @@ def time_stage(emb: BertEmbedder, db_path: Path, work: Path, units: list | None 
     stage = EmbedStage(db_path, emb, work)
     sync(emb)
     started = time.perf_counter()
-    for seg_name, seg in units:
-        stage.run(segment_unit(seg_name, seg))
+    make_executor("local", 1, threads=threads).run(stage, [segment_unit(s) for _, s in units])
     sync(emb)
     return time.perf_counter() - started
+
+
+def time_stream(emb: BertEmbedder, db_path: Path, work: Path, units: list | None = None) -> float:
+    """`time_stage` as `embed()` streams the units."""
+    return time_stage(emb, db_path, work, units, threads=2)
 
 
 def stage_keys(emb: BertEmbedder, db_path: Path) -> np.ndarray:
@@ -169,6 +179,97 @@ def measure(emb: BertEmbedder, db_path: Path, work: Path, rounds: int, sweep: li
             "bare_by_batch": bare_by_batch, "stage_by_batch": stage_by_batch}
 
 
+def measure_stream(emb: BertEmbedder, db_path: Path, work: Path, rounds: int, sweep: list[int], log=print) -> dict:
+    """The stage over the whole database as `embed()` streams it, against the bare forward over the same chunks
+    at the SAME batch size (retrodb's default), alternating stage and bare `rounds` times (ratio: median of the
+    per-round ratios); a sweep of both over `sweep`; and the bare forward at its best batch, for reference."""
+    units = segments_of(db_path)
+    texts = {name: chunk_texts(db_path, seg) for name, seg in units}
+    n = sum(map(len, texts.values()))
+    batch = emb.batch_size
+    time_bare(emb, bare_inputs(emb, next(iter(texts.values())), batch))  # warm-up
+    time_stream(emb, db_path, work, units[:1])
+    bare_by_batch, stage_by_batch = {}, {}
+    for bs in sorted(set(sweep) | {batch}):
+        emb.batch_size = bs
+        inputs = [x for t in texts.values() for x in bare_inputs(emb, t, bs)]
+        bare_by_batch[bs] = max(n / time_bare(emb, inputs) for _ in range(2))
+        del inputs
+        stage_by_batch[bs] = n / time_stream(emb, db_path, work)
+        log(f"  sweep batch {bs}: bare {bare_by_batch[bs]:,.0f} chunks/s, stage {stage_by_batch[bs]:,.0f} chunks/s")
+    emb.batch_size = batch
+    inputs = [x for t in texts.values() for x in bare_inputs(emb, t, batch)]
+    stage_runs, bare_runs, ratios = [], [], []
+    for r in range(rounds):
+        s = time_stream(emb, db_path, work)
+        b = time_bare(emb, inputs)
+        stage_runs.append(n / s)
+        bare_runs.append(n / b)
+        ratios.append(b / s)
+        log(f"  round {r + 1}: stage {stage_runs[-1]:,.0f} chunks/s, bare {bare_runs[-1]:,.0f} chunks/s, "
+            f"ratio {ratios[-1]:.2f}")
+    best = max(bare_by_batch, key=bare_by_batch.get)
+    return {"chunks": n, "segments": len(units), "dtype": emb.dtype, "device": emb.device, "batch": batch,
+            "rounds": rounds, "stage": statistics.median(stage_runs), "bare": statistics.median(bare_runs),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "bare_best_batch": best, "bare_best": bare_by_batch[best],
+            "bare_by_batch": bare_by_batch, "stage_by_batch": stage_by_batch}
+
+
+def profile_stage(emb: BertEmbedder, db_path: Path, work: Path, trace: Path | None = None, rows: int = 15) -> dict:
+    """One streamed stage run under torch.profiler: the top operators (by device time on CUDA, else CPU time),
+    and on CUDA how busy the device was: the union of kernel intervals over the run's wall time, and the idle
+    gaps between kernels. `trace`: also write the Chrome trace there (gzipped)."""
+    import gzip
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = emb.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:  # the pipeline's threads too, not only this one (recent torch)
+        from torch._C._profiler import _ExperimentalConfig
+
+        config = {"experimental_config": _ExperimentalConfig(profile_all_threads=True, enable_cuda_sync_events=cuda)}
+    except (ImportError, TypeError):  # older torch: start the pipeline's threads (not the tokenising processes)
+        config = {}                   # again under the profiler, so that their operators are recorded
+        if getattr(emb, "_pipeline", None) is not None:
+            emb._pipeline.close()
+    with profile(activities=activities, **config) as prof:
+        seconds = time_stream(emb, db_path, work)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    out = {"seconds": seconds, "table": prof.key_averages().table(sort_by=sort, row_limit=rows)}
+    tmp = Path(tempfile.mkdtemp(prefix="trace-")) / "trace.json"
+    prof.export_chrome_trace(str(tmp))
+    events = json.loads(tmp.read_text()).get("traceEvents", [])
+    kernels = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                     if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    if kernels:
+        busy, gaps, end = 0.0, [], kernels[0][0]
+        for a, b in kernels:
+            if a > end:
+                gaps.append(a - end)
+            busy += max(0.0, b - max(a, end))
+            end = max(end, b)
+        cpu = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+        window = (max(e["ts"] + e.get("dur", 0) for e in cpu) - min(e["ts"] for e in cpu)) if cpu else end - kernels[0][0]
+        out.update(kernels=len(kernels), device_busy_us=busy, window_us=window,
+                   device_busy_fraction=busy / window if window else None,
+                   gaps_over_1ms=sum(1 for g in gaps if g > 1000), gap_us_over_1ms=sum(g for g in gaps if g > 1000),
+                   largest_gap_us=max(gaps, default=0.0))
+    threads: dict = {}  # CPU time per thread name: what each pipeline thread spends
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "cpu_op":
+            threads[e.get("tid")] = threads.get(e.get("tid"), 0) + e.get("dur", 0)
+    out["cpu_op_us_by_thread"] = dict(sorted(threads.items(), key=lambda kv: -kv[1])[:6])
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(trace, "wb") as f:
+            f.write(tmp.read_bytes())
+    shutil.rmtree(tmp.parent, ignore_errors=True)
+    return out
+
+
 def compare_dtypes(model_dir: Path, device: str, texts: list[str], batch_size: int | None, rounds: int,
                    log=print) -> dict:
     """fp32 against bf16: bare forward speed, and the cosine of the keys (full embedder path)."""
@@ -183,6 +284,8 @@ def compare_dtypes(model_dir: Path, device: str, texts: list[str], batch_size: i
         for name, e in embs.items():
             speeds[name].append(len(texts) / time_bare(e, inputs[name]))
     keys = {name: e.embed(texts) for name, e in embs.items()}
+    for e in embs.values():
+        e.close()  # their pipeline threads and tokenising processes
     cos = cosines(keys["bf16"], keys["fp32"])
     out = {"texts": len(texts), "batch": batch_size, "rounds": rounds,
            "fp32": statistics.median(speeds["fp32"]), "bf16": statistics.median(speeds["bf16"]),
@@ -219,6 +322,11 @@ def report_tables(title: str, m: dict, dt: dict | None, e2e: dict | None) -> str
              f"(quartiles {m['ratio_q1']:.2f}-{m['ratio_q3']:.2f}) |",
              "", "Batch-size sweep (bare: best of 2 runs, stage: 1 run):", "", "| batch | bare chunks/s | stage chunks/s |", "|---:|---:|---:|"]
     lines += [f"| {bs} | {m['bare_by_batch'][bs]:,.0f} | {m['stage_by_batch'][bs]:,.0f} |" for bs in sorted(m["bare_by_batch"])]
+    return "\n".join(lines) + "\n" + dtype_and_end_to_end(dt, e2e)
+
+
+def dtype_and_end_to_end(dt: dict | None, e2e: dict | None) -> str:
+    lines = []
     if dt:
         lines += ["", f"fp32 against bf16 (bare forward, batch {dt['batch']}, {dt['texts']} chunks, medians of "
                       f"{dt['rounds']}):", "", "| dtype | chunks/s | cosine to fp32 keys (min / median) |",
@@ -229,7 +337,7 @@ def report_tables(title: str, m: dict, dt: dict | None, e2e: dict | None) -> str
                       f"({e2e['chunks'] / e2e['seconds']:,.0f} chunks/s overall), of which {e2e['load_seconds']:.1f} s "
                       f"loading the model and probing the dtype ({e2e['dtype']} chosen); "
                       f"{e2e['chunks_per_s']:,.0f} chunks/s after loading."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" if lines else ""
 
 
 def end_to_end(db_path: Path, scratch: Path, model: Path | None, device: str) -> dict:
@@ -253,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", default="8,16,32,64,128", help="batch sizes tried for the bare forward")
     ap.add_argument("--dtype-texts", type=int, default=512, help="chunks for the fp32/bf16 comparison (0: skip)")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--stream", action="store_true",
+                    help="also the stage streamed over the whole database as embed() runs it, same batch as bare")
     args = ap.parse_args(argv)
     from retrodb.tokenizer import default_model_dir
 
@@ -264,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     emb = BertEmbedder(model, device=args.device, dtype=args.dtype).load()
     log(f"model {model}: {emb.device}, {emb.dtype}, batch {emb.batch_size}, loaded in {emb.load_seconds:.1f}s")
     m = measure(emb, db_path, scratch / "work", args.rounds, [int(x) for x in args.sweep.split(",")], log)
+    stream = measure_stream(emb, db_path, scratch / "work", args.rounds, [], log) if args.stream else None
     dt = None
     if args.dtype_texts:
         dt = compare_dtypes(model, args.device, all_texts(db_path)[: args.dtype_texts], emb.batch_size,
@@ -272,6 +383,10 @@ def main(argv: list[str] | None = None) -> int:
     e2e = end_to_end(db_path, scratch, args.model, args.device)
     print(f"Machine: {machine()}\n")
     print(report_tables(args.model.name if args.model else "all-MiniLM-L6-v2 (bundled)", m, dt, e2e))
+    if stream:
+        print(f"Streamed over the whole database as embed() runs it, batch {stream['batch']}: stage "
+              f"{stream['stage']:,.0f} chunks/s, bare {stream['bare']:,.0f} chunks/s, ratio **{stream['ratio']:.2f}x** "
+              f"(rounds {stream['ratio_min']:.2f}-{stream['ratio_max']:.2f}).")
     if args.workdir is None:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0

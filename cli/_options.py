@@ -33,6 +33,11 @@ DeviceOpt = Annotated[str, typer.Option(help="Embedding device: auto (CUDA if pr
 BatchSizeOpt = Annotated[Optional[int], typer.Option(help="Chunks per embedding forward pass (default: 32 on CPU, 512 on CUDA/MPS).", min=1)]
 SegmentMbOpt = Annotated[float, typer.Option(help="Input megabytes per segment (the unit of parallelism and retry).", min=0.001)]
 
+# Running on a cluster (every command that runs a stage over segments).
+ExecutorOpt = Annotated[str, typer.Option(help="local (this machine) or ray (a Ray cluster: every node must see the database directory at the same path, a shared filesystem).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster address (host:port of the head node) for --executor ray; default $RAY_ADDRESS, else a new local cluster.")]
+GpusOpt = Annotated[Optional[int], typer.Option("--gpus", help="With --executor ray: model actors, one per GPU (default: every GPU of the cluster; 0, or none in the cluster: one CPU actor per node).", min=0)]
+
 
 @contextmanager
 def usage_errors():

@@ -125,12 +125,15 @@ class _NullProgress:
 
 
 class RichProgress:
-    """Receives stage reports ({"total_bytes"|"total", "bytes", "documents", "tokens", "chunks"}) and draws a bar."""
+    """Receives stage reports ({"total_bytes"|"total", "bytes", "documents", "tokens", "chunks"}, and from the
+    executor {"units_total"}, {"units": 1}) and draws one bar: share done, count, rate, segments done, ETA.
+    Counts may be negative: a cluster executor takes back what a lost worker had reported."""
 
     def __init__(self, console: Console, description: str, unit: str):
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.unit = unit
+        self.units_total: int | None = None
         self.counts: dict[str, int] = {}
         self.started = time.perf_counter()
         self.progress = Progress(
@@ -147,6 +150,9 @@ class RichProgress:
         if "total" in counts:
             self.progress.update(self.task, total=counts["total"])
             return
+        if "units_total" in counts:
+            self.units_total = counts["units_total"]
+            return
         for k, v in counts.items():
             self.counts[k] = self.counts.get(k, 0) + v
         advance = counts.get("bytes", 0) + counts.get("advance", 0)
@@ -156,6 +162,8 @@ class RichProgress:
             parts.append(f"{self.counts['tokens'] / elapsed:,.0f} tokens/s")
         elif self.unit in self.counts:
             parts.append(f"{self.counts[self.unit] / elapsed:,.0f} {self.unit}/s")
+        if self.units_total:
+            parts.append(f"{self.counts.get('units', 0)}/{self.units_total} segments")
         self.progress.update(self.task, advance=advance, detail=" · ".join(parts))
 
     def __enter__(self):

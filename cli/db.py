@@ -13,7 +13,7 @@ from ._output import Output
 
 def init(
     db: DbArg,
-    tokenizer: Annotated[Optional[Path], typer.Option(help="Local Hugging Face tokenizer directory (default: the bundled all-MiniLM-L6-v2's).")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="Local Hugging Face tokenizer directory (default: the bundled RETRO model's byte-level BPE).")] = None,
     chunk_size: Annotated[int, typer.Option(help="Tokens per chunk, fixed for the life of the database.", min=1)] = 64,
     fmt: FormatOpt = Format.human,
 ) -> None:

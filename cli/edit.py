@@ -9,8 +9,9 @@ from typing import Annotated, List, Optional
 import typer
 from rich.text import Text
 
-from ._options import (BatchSizeOpt, DbArg, DeviceOpt, DryRunOpt, Format, FormatOpt, FormatsOpt, IdFieldOpt,
-                       OnErrorOpt, SegmentMbOpt, SourcesArg, TextFieldOpt, WaitOpt, WorkersOpt, YesOpt, usage_errors)
+from ._options import (BatchSizeOpt, DbArg, DeviceOpt, DryRunOpt, ExecutorOpt, Format, FormatOpt, FormatsOpt, GpusOpt,
+                       IdFieldOpt, OnErrorOpt, RayAddressOpt, SegmentMbOpt, SourcesArg, TextFieldOpt, WaitOpt,
+                       WorkersOpt, YesOpt, usage_errors)
 from ._output import Output, confirm
 
 
@@ -26,6 +27,9 @@ def add(
     segment_mb: SegmentMbOpt = 64,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    gpus: GpusOpt = None,
     wait: WaitOpt = 0,
 ) -> None:
     """Add documents: ingest, embed and index them as new segments, committed as ONE snapshot.
@@ -41,6 +45,7 @@ def add(
       retrodb add my-db new-docs/
       retrodb add my-db fixed.jsonl --replace --format json
       cat more.jsonl | retrodb add my-db -
+      retrodb add my-db shards/ --executor ray --ray-address 10.0.0.1:6379
     """
     from retrodb.add import add as run_add
     from retrodb.ingest import IngestOptions, NothingIngested
@@ -50,11 +55,12 @@ def add(
     input_format, output_format = split_formats(formats)
     out = Output(output_format)
     opts = IngestOptions(fmt=input_format, text_field=text_field, id_field=id_field, on_error=on_error,
-                         segment_bytes=int(segment_mb * (1 << 20)), workers=workers)
+                         segment_bytes=int(segment_mb * (1 << 20)), workers=workers, executor=executor,
+                         ray_address=ray_address)
     try:
         with out.progress("add") as progress:
             report = run_add(db, sources, opts, replace=replace, device=device, batch_size=batch_size, wait=wait,
-                             progress=progress)
+                             progress=progress, gpus=gpus)
     except NothingIngested as exc:
         show_nothing_ingested(out, exc)
         raise
@@ -159,6 +165,8 @@ def compact(
     dry_run: DryRunOpt = False,
     merge_indexes: Annotated[bool, typer.Option("--merge-indexes/--no-merge-indexes", help="Then merge the indexes of every full size tier into a shard (a second commit).")] = True,
     workers: WorkersOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     wait: WaitOpt = 0,
     fmt: FormatOpt = Format.human,
 ) -> None:
@@ -175,13 +183,15 @@ def compact(
       retrodb compact my-db
       retrodb compact my-db --min-deleted-ratio 0.05 --dry-run
       retrodb compact my-db --target-segment-chunks 500000 --format json
+      retrodb compact my-db --executor ray --ray-address 10.0.0.1:6379
     """
     from retrodb.compact import compact as run_compact
 
     out = Output(fmt.value)
     with (out.progress("compact", unit="chunks") if not dry_run else nullcontext()) as progress:
         report = run_compact(db, min_deleted_ratio, target_segment_chunks, dry_run=dry_run, workers=workers,
-                             wait=wait, merge_indexes=merge_indexes, progress=progress)
+                             executor=executor, ray_address=ray_address, wait=wait, merge_indexes=merge_indexes,
+                             progress=progress)
     if out.json:
         out.record(report.to_dict())
         return

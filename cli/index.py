@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import DbArg, Format, FormatOpt, WaitOpt
+from ._options import DbArg, ExecutorOpt, RayAddressOpt, Format, FormatOpt, WaitOpt
 from ._output import Output
 
 
@@ -19,8 +19,8 @@ def index(
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild the indexes made with other parameters than those given (needed to change them).")] = False,
     commit_every: Annotated[int, typer.Option(help="Commit after this many built segments (and at the end).", min=1)] = 16,
     merge: Annotated[bool, typer.Option("--merge", help="Then merge the indexes of every full size tier into a shard (LSM style: a query then searches a few shards, not one index per segment).")] = False,
-    executor: Annotated[str, typer.Option(help="local (this machine) or ray.")] = "local",
-    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --executor ray.")] = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     wait: WaitOpt = 0,
     fmt: FormatOpt = Format.human,
 ) -> None:

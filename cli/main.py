@@ -26,8 +26,10 @@ from . import index as index_commands
 from . import ingest as ingest_commands
 from . import leakage as leakage_commands
 from . import neighbours as neighbours_commands
+from . import model as model_commands
 from . import query as query_commands
 from . import redact as redact_commands
+from . import serve as serve_commands
 from . import verify as verify_commands
 
 HELP = """Build, edit and query the retrieval database of a RETRO model.
@@ -45,6 +47,9 @@ HELP = """Build, edit and query the retrieval database of a RETRO model.
   retrodb verify my-db
   retrodb neighbours my-db                # training neighbours of every chunk (k=2)
   retrodb leakage my-db eval.txt --dedup  # how much of an evaluation text the database holds
+  retrodb eval my-db held-out.txt         # bits per byte with and without retrieval (bundled model)
+  retrodb generate my-db "def parse("     # retrieves for each chunk as the text grows
+  retrodb serve my-db                     # neighbour debugger at http://127.0.0.1:8750/
 """
 
 app = typer.Typer(
@@ -80,6 +85,8 @@ edit_commands.register(app)
 verify_commands.register(app)
 neighbours_commands.register(app)
 leakage_commands.register(app)
+model_commands.register(app)
+serve_commands.register(app)
 
 
 def _error(message: str, hint: str | None = None) -> None:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._options import DbArg, Format, FormatOpt, WaitOpt
+from ._options import DbArg, ExecutorOpt, RayAddressOpt, Format, FormatOpt, WaitOpt
 from ._output import Output
 
 
@@ -18,8 +18,8 @@ def neighbours(
     refresh: Annotated[bool, typer.Option("--refresh", help="Recompute every segment's neighbours against the current snapshot (also needed to change k, margin or ef).")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", "-w", help="Worker processes, each searching its own segments (default 1: one process, all cores as search threads).", min=1)] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="hnswlib search threads per worker (default: cores / workers).", min=1)] = None,
-    executor: Annotated[str, typer.Option(help="local (this machine) or ray.")] = "local",
-    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address for --executor ray.")] = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     wait: WaitOpt = 0,
     fmt: FormatOpt = Format.human,
 ) -> None:

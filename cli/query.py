@@ -25,6 +25,7 @@ def query(
     device: Annotated[str, typer.Option(help="Where to embed the queries: auto, cpu, cuda or mps.")] = "auto",
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="Segments searched at once (default: all cores).", min=1)] = None,
     at: AtOpt = None,
+    server: Annotated[Optional[str], typer.Option("--server", envvar="RETRODB_SERVER", help="Ask a running `retrodb serve` at this URL (answers in milliseconds; no model is loaded here). Also from $RETRODB_SERVER.", show_default=False)] = None,
     fmt: FormatOpt = Format.human,
 ) -> None:
     """Nearest chunks of each query: rank, score, document, position, chunk text and continuation.
@@ -43,8 +44,8 @@ def query(
       retrodb query my-db --file questions.txt --format json > neighbours.jsonl
       retrodb query my-db --chunk-id 4294967301            # what RETRO retrieves for this chunk
       retrodb query my-db "exceptions" --exact --at 3      # brute force, on snapshot 3
+      retrodb query my-db "generators" --server http://127.0.0.1:8750   # a warm `retrodb serve`
     """
-    import retrodb
     from retrodb.errors import UsageError
 
     out = Output(fmt.value)
@@ -58,10 +59,22 @@ def query(
     if not chunk_id and not queries:
         raise UsageError("empty query: nothing to search for",
                            hint=f'retrodb query {db} "some text" (or --file FILE, or --chunk-id N)')
-    handle = retrodb.open(db, at=at)
-    results = handle.query(None if chunk_id else queries, k, ef=ef, exact=exact, exclude_doc=exclude_doc,
-                           chunk_ids=chunk_id or None, exclude_same_doc=exclude_same_doc, threads=threads,
-                           device=device, on_warning=out.warn, overlap=True)
+    if server:
+        if at is not None:
+            raise UsageError("--at cannot be used with --server: the server answers from the current snapshot",
+                               hint="leave out --server to read an older snapshot")
+        from retrodb.client import query as remote_query
+
+        results = remote_query(server, db, None if chunk_id else queries, k, ef=ef, exact=exact,
+                               exclude_doc=exclude_doc, chunk_ids=chunk_id or None,
+                               exclude_same_doc=exclude_same_doc, on_warning=out.warn)
+    else:
+        import retrodb
+
+        handle = retrodb.open(db, at=at)
+        results = handle.query(None if chunk_id else queries, k, ef=ef, exact=exact, exclude_doc=exclude_doc,
+                               chunk_ids=chunk_id or None, exclude_same_doc=exclude_same_doc, threads=threads,
+                               device=device, on_warning=out.warn, overlap=True)
     for r in results:
         if out.json:
             out.record(r.to_dict())

@@ -92,7 +92,7 @@ class AbsenceScanner:
     """Scans files for `texts` (RE2, the redaction's engine: with `ignore_case`, Unicode case folding, in raw bytes
     and decoded Parquet alike), their token-id sequences and their keys. Files are streamed in blocks."""
 
-    def __init__(self, texts: list[str], token_seqs: list[list[int]] | None = None, ignore_case: bool = False,
+    def __init__(self, texts: list[str], token_seqs: list[list[list[int]]] | None = None, ignore_case: bool = False,
                  keys: list[np.ndarray] | None = None, threshold: float = 0.999):
         from .pii import compile_re2, json_variants, literal_pattern
 
@@ -106,9 +106,10 @@ class AbsenceScanner:
         self.any = compile_re2("|".join(f"(?:{p})" for p in self.patterns)) if texts else None
         # bytes a match can span: a character and its other case take at most 4 bytes each
         self.overlap = max((len(v.encode("utf-8")) * (4 if ignore_case else 1) for _, v in variants), default=1)
-        self.seqs = [np.asarray(s, dtype=np.int64) for s in (token_seqs or [])]
+        # (needle, ids) for every form a text's ids take in context (see tokenizer.token_id_forms)
+        self.seqs = [(i, np.asarray(s, dtype=np.int64)) for i, forms in enumerate(token_seqs or []) for s in forms]
         self.raw_seqs = []
-        for i, s in enumerate(self.seqs):
+        for i, s in self.seqs:
             if len(s) >= 3:
                 for dt in ("<u2", "<u4"):
                     if s.max(initial=0) < np.iinfo(dt).max:
@@ -247,7 +248,7 @@ class AbsenceScanner:
                 elif pa.types.is_list(typ) and pa.types.is_integer(typ.value_type) and self.seqs:
                     values = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.int64)
                     offsets = col.offsets.to_numpy() - col.offsets[0].as_py()
-                    for i, seq in enumerate(self.seqs):
+                    for i, seq in self.seqs:
                         for start in _find_sequence(values, seq):
                             row = int(np.searchsorted(offsets, start, side="right") - 1)
                             hits.append(Hit(rel, f"row group {g}, row {row}, column {col_name} (value {start})",
@@ -310,9 +311,9 @@ def absence_scanner(texts: list[str], *, ignore_case: bool = False, tokenizer_pa
     scan its `files`, `bytes` and `kinds()` say what was covered."""
     seqs = None
     if tokenizer_path:
-        from .tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer, token_id_forms
 
         tok = load_tokenizer(tokenizer_path)
-        seqs = [tok.encode(t, add_special_tokens=False).ids for t in texts]
+        seqs = [token_id_forms(tok, t) for t in texts]
     keys = list(embedder.embed(texts)) if check_keys and embedder is not None else None
     return AbsenceScanner(texts, seqs, ignore_case, keys, threshold)

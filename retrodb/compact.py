@@ -29,7 +29,7 @@ from pathlib import Path
 from . import faults
 from .database import Database
 from .errors import UsageError
-from .executor import make_executor
+from .executor import check_executor, make_executor, node_figures
 from .shards import merge_units
 from .snapshot import Segment, Snapshot, segment_name
 from .stages.compact import CompactStage
@@ -67,6 +67,8 @@ class CompactReport:
     merged: list[dict] = field(default_factory=list)  # index shards built (merged) after the compaction
     dry_run: bool = False
     seconds: float = 0.0
+    nodes: dict = field(default_factory=dict)  # on Ray: {"compact": [per-node figures]}
+    retried_units: int = 0  # on Ray: unit attempts lost to a dead worker or node, and run again
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -150,6 +152,7 @@ def compact(root: str | Path, min_deleted_ratio: float = DEFAULT_MIN_DELETED_RAT
     """Compact the database at `root` (see the module doc); one commit, or none when there is nothing to do.
     Then, unless `merge_indexes` is false, merge the index units whose tier is full (one more commit, when any
     is: retrodb/shards.py)."""
+    check_executor(executor)
     started = time.perf_counter()
     db = Database(root)
     groups = plan_compaction(db.snapshot, min_deleted_ratio, target_segment_chunks)
@@ -177,9 +180,12 @@ def compact(root: str | Path, min_deleted_ratio: float = DEFAULT_MIN_DELETED_RAT
         stage = CompactStage(w.root, job_dir, w.base.config.get("index"))
         n_workers = workers or max(1, min(len(units), make_executor("local").workers))
         on_progress = (lambda c: progress({**c, "advance": c.get("chunks", 0)})) if progress else None
-        results = make_executor(executor, n_workers, ray_address).run(stage, units, on_progress=on_progress) \
-            if units else []
+        runner = make_executor(executor, n_workers, ray_address)
+        results = runner.run(stage, units, on_progress=on_progress) if units else []
         report = _report(w.base, groups, False, started)
+        if executor == "ray" and units:
+            report.nodes = {"compact": node_figures(runner)}
+            report.retried_units = runner.retried
         edit = w.edit("compact")
         for g in groups:
             for number in g.sources:

@@ -36,11 +36,11 @@ DEFAULT_CHUNK_SIZE = 64
 
 def default_config(tokenizer_dir: str | Path | None, chunk_size: int) -> dict:
     from .schema import token_type_for
-    from .tokenizer import default_model_dir, tokenizer_info
+    from .tokenizer import default_lm_tokenizer_dir, tokenizer_info
 
     if chunk_size < 1:
         raise UsageError(f"--chunk-size must be at least 1, not {chunk_size}")
-    info = tokenizer_info(tokenizer_dir or default_model_dir())
+    info = tokenizer_info(tokenizer_dir or default_lm_tokenizer_dir())
     return {
         "chunk_size": chunk_size,
         "tokenizer": {
@@ -241,6 +241,15 @@ class Database:
         return searcher.query(texts, k, ef=ef, exact=exact, exclude_doc=exclude_doc, chunk_ids=chunk_ids,
                               exclude_same_doc=exclude_same_doc, vectors=vectors, on_warning=on_warning,
                               overlap=overlap)
+
+    def nearest(self, texts: "str | list[str]", k: int = 4, *, ef: int = 64, exact: bool = False,
+                exclude_doc: "str | list[str] | None" = None, device: str = "auto", on_warning=None) -> list:
+        """The k nearest chunks of each query text as (chunk_id, score, segment), best first, reading no text:
+        `query` without its payload (the model's live retrieval reads stored tokens by id instead)."""
+        from .query import searcher_for
+
+        return searcher_for(self, device=device).nearest(texts, k, ef=ef, exact=exact, exclude_doc=exclude_doc,
+                                                          on_warning=on_warning)
 
     # ------------------------------------------------------------ writing
 

@@ -10,6 +10,12 @@ Work in progress survives a crash: unfinished segments resume from their last
 durable pass (see stages/embed.py) under `_work/embed-<sha12>-<maxlen>/`,
 which the writer keeps while no other command has committed in between.
 
+Locally the model is loaded once and two segments are embedded at a time on it
+(one is read and tokenised while the other is on the model). On Ray
+(`executor="ray"`), one actor per GPU holds a model (`gpus`; default every GPU
+of the cluster; CPU actors, one per node, where there is none) and segments
+stream to them; this process only commits (cluster.py).
+
 `embed_texts` embeds arbitrary texts with a database's own embedder (query uses it).
 """
 
@@ -28,8 +34,8 @@ from . import faults
 from .database import Database, Writer
 from .database import open as open_database
 from .embedder import DEFAULT_MAX_LENGTH, check_identity, embedder_for, load_embedder, same_identity
-from .errors import MissingStage, RetrodbError
-from .executor import LocalExecutor, run_keeping_finished
+from .errors import MissingStage, RetrodbError, UsageError
+from .executor import check_executor, make_executor, node_figures, run_keeping_finished
 from .snapshot import segment_name
 from .stages.base import segment_unit
 from .stages.embed import EmbedStage, keys_file_name
@@ -53,6 +59,9 @@ class EmbedReport:
     model_loaded: bool = False
     load_seconds: float = 0.0  # reading the model and choosing the dtype
     seconds: float = 0.0  # the whole run
+    executor: str = "local"
+    nodes: dict = field(default_factory=dict)  # on Ray: {"embed": [per-node figures]}
+    retried_units: int = 0  # on Ray: unit attempts lost to a dead worker, actor or node, and run again
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -75,25 +84,46 @@ def choose_embedder(recorded: dict | None, model: str | Path | None = None, *, d
                          batch_size=batch_size)
 
 
+def embed_executor(executor: str = "local", ray_address: str | None = None, gpus: int | None = None,
+                   device: str = "auto", embedder=None):
+    """The executor of the embed stage: locally, two units at a time on this process's model (one unit at a time
+    for the hash embedder, which has no pipeline to keep busy); on Ray, model actors."""
+    check_executor(executor)
+    if executor == "local":
+        if gpus is not None:
+            raise UsageError("--gpus is for --executor ray (one model per GPU of the cluster); locally, --device "
+                             "picks the device")
+        return make_executor("local", 1, threads=1 if getattr(embedder, "kind", None) == "hash" else 2)
+    from .cluster import ActorPlan
+
+    if gpus is not None and gpus < 0:
+        raise UsageError(f"--gpus must be 0 (CPU actors) or more, not {gpus}")
+    return make_executor("ray", address=ray_address, actors=ActorPlan(gpus=0 if device == "cpu" else gpus))
+
+
 def embed(root: str | Path, model: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
           batch_size: int | None = None, max_length: int | None = None, reembed: bool = False,
           wait: float = 0.0, progress=None, embedder=None, commit_every_s: float = COMMIT_EVERY_S,
-          commit_every_segments: int = COMMIT_EVERY_SEGMENTS) -> EmbedReport:
+          commit_every_segments: int = COMMIT_EVERY_SEGMENTS, executor: str = "local",
+          ray_address: str | None = None, gpus: int | None = None) -> EmbedReport:
     """Embed every segment of the database at `root` that has no keys.
 
     With another model than the database's, refuse unless `reembed`: then the
     first commit switches the config and drops every old key and index, and
     the run rebuilds them all. `max_length=None` keeps the database's (or 128).
+    `executor="ray"` embeds on the cluster at `ray_address` with `gpus` model actors (see the module doc).
     """
     started = time.perf_counter()
+    embed_executor(executor, ray_address, gpus, device)  # bad options fail before the model is chosen
     db = open_database(root)
     owned = embedder is None
     if embedder is None:
         embedder = choose_embedder(db.config.get("embedder"), model, device=device, dtype=dtype,
                                    batch_size=batch_size, max_length=max_length)
+    runner = embed_executor(executor, ray_address, gpus, device, embedder)
     ident = embedder.identity()
     job = job_name(ident)
-    report = EmbedReport(db.version, ident["path"])
+    report = EmbedReport(db.version, ident["path"], executor=executor)
     with db.writer("embed", wait=wait, keep_job=job) as w:
         recorded = w.base.config.get("embedder")
         switching = recorded is not None and not same_identity(recorded, ident)
@@ -101,23 +131,37 @@ def embed(root: str | Path, model: str | Path | None = None, *, device: str = "a
             check_identity(recorded, ident)
         todo = [s for s in w.base.segments_where(lambda g: switching or g["without_keys"] > 0)
                 if switching or "keys" not in s.files]
-        report.skipped_segments = len(w.base.segments) - len(todo)
+        report.skipped_segments = w.base.totals_summary["segments"] - len(todo)
         if todo or switching:
             _run(w, job, embedder, ident, todo, switching or recorded is None, report, progress,
-                 commit_every_s, commit_every_segments)
+                 commit_every_s, commit_every_segments, runner)
         report.version = w.base.version
     if owned and hasattr(embedder, "close"):
-        embedder.close()  # its tokenising processes, if it started any
-    report.model_loaded = getattr(embedder, "model", None) is not None
-    if report.model_loaded or (embedder.kind == "hash" and report.chunks):
-        report.device, report.dtype, report.batch_size = embedder.device, embedder.dtype, embedder.batch_size
-    report.load_seconds = round(getattr(embedder, "load_seconds", 0.0), 3) if report.model_loaded else 0.0
+        embedder.close()  # its pipeline threads and tokenising processes, if it started any
+    actors = getattr(runner, "actor_info", None)
+    if actors:  # on Ray: what the actors loaded
+        report.model_loaded = True
+        report.device, report.dtype, report.batch_size = (_joined(a.get(k) for a in actors)
+                                                          for k in ("device", "dtype", "batch_size"))
+    else:
+        report.model_loaded = getattr(embedder, "model", None) is not None
+        if report.model_loaded or (embedder.kind == "hash" and report.chunks):
+            report.device, report.dtype, report.batch_size = embedder.device, embedder.dtype, embedder.batch_size
+        report.load_seconds = round(getattr(embedder, "load_seconds", 0.0), 3) if report.model_loaded else 0.0
     report.seconds = time.perf_counter() - started
     return report
 
 
+def _joined(values):
+    """The actors' value if they agree (as it is), else their distinct values joined with commas."""
+    distinct = {v for v in values if v is not None}
+    if len(distinct) <= 1:
+        return next(iter(distinct), None)
+    return ",".join(sorted(map(str, distinct)))
+
+
 def _run(w: Writer, job: str, embedder, ident: dict, todo: list, new_identity: bool, report: EmbedReport,
-         progress, commit_every_s: float, commit_every_segments: int) -> None:
+         progress, commit_every_s: float, commit_every_segments: int, runner) -> None:
     work = w.work_dir(job)
     w.write_json(work / "plan.json", {"base_version": w.base.version, "identity": ident})
     pending: dict[str, dict] = {}
@@ -154,18 +198,25 @@ def _run(w: Writer, job: str, embedder, ident: dict, todo: list, new_identity: b
         if progress is not None:
             progress({**counts, "advance": counts.get("chunks", 0) + counts.get("resumed", 0)})
 
+    local = not hasattr(runner, "actors")
     finals = [w.segment_dir(s.number) / keys_file_name(ident) for s in todo]
-    if any(not f.exists() for f in finals):
+    if local and any(not f.exists() for f in finals):
         embedder.load()  # before the bar starts, so that chunks/s and ETA count embedding only
     for f in finals:  # what this run may publish: removed by the next writer unless committed or resumed
         w.track(f, job)
     if progress is not None:
         progress({"total": sum(s.chunks for s in todo)})
     stage = EmbedStage(w.root, embedder, work)
-    run_keeping_finished(LocalExecutor(workers=1), stage, [segment_unit(s) for s in todo], on_result,
-                         on_progress, pending, commit)
+    try:
+        run_keeping_finished(runner, stage, [segment_unit(s) for s in todo], on_result, on_progress,
+                             pending, commit)
+    finally:
+        if not local:
+            report.nodes = {"embed": node_figures(runner)}
+            report.retried_units = runner.retried
     if pending or new_identity:
         commit()
+    report.segments.sort()  # units finish out of order (two at a time, or on a cluster)
     shutil.rmtree(work, ignore_errors=True)
 
 

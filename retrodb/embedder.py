@@ -6,9 +6,10 @@ Two embedders share one interface (`identity()`, `embed(texts) -> float32
   bundled all-MiniLM-L6-v2). Creating one is cheap: its identity (weights
   sha256, dim from config.json) needs no model, and the model is loaded on
   the first `embed`, so a command with nothing to embed never loads it.
-  Batches are sorted by length to avoid padding waste, a producer thread
-  tokenises the next batches while the model runs, and on an accelerator the
-  next batch is queued before the previous result is copied back.
+  `submit(texts, out)` hands texts to the embedder's pipeline
+  (embed_pipeline.py: tokenising, device feeding and writing back each on
+  their own thread, so the model never waits on the host) and returns a job
+  to wait on; `embed` is submit-and-wait.
 - `HashEmbedder` (`--model hash:DIM`): a deterministic bag-of-words hash,
   for tests and for timing the pipeline without a model. Texts that share
   words get similar keys, so neighbours are still meaningful.
@@ -22,13 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
 import re
 import threading
 import time
 from contextlib import nullcontext
 from functools import lru_cache
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -40,33 +39,13 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 HASH_PREFIX = "hash:"
 CPU_BATCH = 32  # chunks per forward on CPU: best or within noise of best for MiniLM and bert-base (bench_embed)
-ACCEL_BATCH = 512  # on CUDA/MPS: big enough to fill the device, small enough to keep padding low
-PREFETCH = 3  # tokenised batches waiting for the model
-WINDOW_BATCHES = 16  # texts are sorted by token count within windows of this many batches
+# On CUDA/MPS: the H100 sweep (docs/benchmarks.md) gave MiniLM's bare forward 74k chunks/s at 512, 86k at 1024
+# and 90k at 2048 (bert-base 21k, 23k, 23k); 1024 gets most of it with half the activation memory of 2048.
+ACCEL_BATCH = 1024
 # On an accelerator one tokenising thread cannot keep up with the model (the GIL-bound part is turning
 # token ids into arrays): windows are tokenised by this many processes instead (0: in a thread).
 # RETRODB_TOKENIZE_PROCS overrides it, also on CPU (tests).
 ACCEL_TOKENIZE_PROCS = 8
-
-_worker_tokenizer = None
-
-
-def _init_tokenize_worker(tokenizer_json: str, max_length: int) -> None:
-    global _worker_tokenizer
-    from tokenizers import Tokenizer
-
-    _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
-    _worker_tokenizer.no_padding()
-    _worker_tokenizer.enable_truncation(max_length)
-
-
-def _tokenize_window(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths, flat token ids) of one window of texts, in a tokenising worker process."""
-    encode = getattr(_worker_tokenizer, "encode_batch_fast", _worker_tokenizer.encode_batch)
-    rows = [e.ids for e in encode(texts)]
-    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-    return lengths, np.fromiter(chain.from_iterable(rows), dtype=np.int32, count=int(lengths.sum()))
-
 
 def weights_sha256(directory: Path) -> str:
     """sha256 over the weight files of a model directory (safetensors or PyTorch bins), in name order.
@@ -198,6 +177,12 @@ class HashEmbedder:
             on_batch(len(texts))
         return out
 
+    def submit(self, texts: list[str], out: np.ndarray | None = None, on_batch=None):
+        """Computed at once, in this thread; the returned job is finished."""
+        from .embed_pipeline import Job
+
+        return Job([], self.embed(texts, on_batch, out))
+
 
 def _output(out: np.ndarray | None, rows: int, dim: int) -> np.ndarray:
     if out is None:
@@ -254,15 +239,22 @@ class BertEmbedder:
         self.tokenizer = None
         self.load_seconds = 0.0
         self._sha: str | None = None
+        self._pipeline = None  # started by the first submit (embed_pipeline.EmbedPipeline)
+        self._pipeline_lock = threading.Lock()
         if device in ("cuda", "mps"):  # fail now, not after the model is read
             self._check_device(device)
 
     def __getstate__(self) -> dict:  # picklable for executors: the model is loaded again where it runs
         state = dict(self.__dict__)
         state.update(model=None, tokenizer=None, device=None, dtype=None, batch_size=self.requested_batch)
-        for name in ("torch", "_encode", "_pad_id", "_tokenize_pool"):
+        for name in ("torch", "_encode", "_pad_id", "_tokenize_pool", "_pipeline", "_pipeline_lock"):
             state.pop(name, None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pipeline = None
+        self._pipeline_lock = threading.Lock()
 
     @property
     def loaded(self) -> bool:
@@ -377,10 +369,9 @@ class BertEmbedder:
     # ------------------------------------------------------------ embedding
 
     def _forward(self, input_ids, attention_mask):
-        """Unit-length mean-pooled keys of one tokenised batch, float32, left on the device."""
+        """Unit-length mean-pooled keys of one tokenised batch (int64 tensors on the device), float32, left on
+        the device."""
         torch = self.torch
-        input_ids = input_ids.to(self.device, non_blocking=True)
-        attention_mask = attention_mask.to(self.device, non_blocking=True)
         amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.dtype)
         with torch.inference_mode():
             with torch.autocast(device_type=self.device, dtype=amp) if amp is not None else nullcontext():
@@ -390,21 +381,19 @@ class BertEmbedder:
             return torch.nn.functional.normalize(pooled, dim=-1)
 
     def tokenize(self, texts: list[str]):
-        """input_ids and attention_mask of one batch, padded to its longest text (to a multiple of 8 off CPU)."""
-        rows = [e.ids for e in self._encode(texts)]
-        lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        flat = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
-        return self._pad_flat(flat, np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64), lengths)
+        """input_ids and attention_mask (int64) of one batch, padded to its longest text (to a multiple of 8
+        off CPU; pinned on CUDA). For benchmarks: embedding tokenises inside the pipeline."""
+        from .embed_pipeline import encode
 
-    def _pad_flat(self, flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
-        """Padded input_ids and attention_mask of rows given as (start, length) slices of `flat`."""
         torch = self.torch
+        lengths, flat = encode(self._encode, texts)
         width = int(lengths.max()) if len(lengths) else 0
         if self.device != "cpu":
             width = -(-width // 8) * 8
         mask = np.arange(width) < lengths[:, None]
         ids = np.full((len(lengths), width), self._pad_id, dtype=np.int64)
-        ids[mask] = flat[(starts[:, None] + np.arange(width))[mask]]  # row r, column c: flat[starts[r] + c]
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        ids[mask] = flat[(starts[:, None] + np.arange(width))[mask]]
         ids, mask = torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
         if self.device == "cuda":
             ids, mask = ids.pin_memory(), mask.pin_memory()
@@ -428,109 +417,46 @@ class BertEmbedder:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
+            from .embed_pipeline import init_tokenize_worker
+
             self._tokenize_pool = ProcessPoolExecutor(
-                self.tokenize_procs(), mp_context=mp.get_context("spawn"), initializer=_init_tokenize_worker,
+                self.tokenize_procs(), mp_context=mp.get_context("spawn"), initializer=init_tokenize_worker,
                 initargs=(self._backend_json, self.max_length))
         return self._tokenize_pool
 
     def close(self) -> None:
+        """Stop the pipeline's threads and the tokenising processes (a later submit starts them again)."""
+        if self._pipeline is not None:
+            self._pipeline.close()
+            self._pipeline = None
         pool = getattr(self, "_tokenize_pool", None)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
             self._tokenize_pool = None
 
-    def _windows(self, texts: list[str], order: np.ndarray):
-        """(indices, lengths, flat ids) per window, tokenised in this thread or by the process pool."""
-        window = WINDOW_BATCHES * self.batch_size
-        starts = range(0, len(order), window)
-        if self.tokenize_procs() == 0:
-            for w in starts:
-                idx = order[w: w + window]
-                rows = [e.ids for e in self._encode([texts[j] for j in idx])]
-                lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-                yield idx, lengths, np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
-            return
-        pool = self._pool()
-        futures = [(order[w: w + window], pool.submit(_tokenize_window, [texts[j] for j in order[w: w + window]]))
-                   for w in starts]
-        for idx, fut in futures:
-            yield (idx, *fut.result())
+    def submit(self, texts: list[str], out: np.ndarray | None = None, on_batch=None):
+        """Queue `texts` for embedding; returns a job whose `wait()` gives `out` (float16 or float32
+        [len(texts), dim], e.g. a slice of a memory-mapped keys file; default a new float32 array) once
+        every row is written. Thread-safe; jobs run in submission order, and `on_batch(n)` is called (from
+        the pipeline's write thread) as each batch of n rows is written."""
+        from .embed_pipeline import EmbedPipeline
 
-    def _batches(self, texts: list[str]):
-        """(indices, input_ids, attention_mask) batches covering `texts`, each of similar token lengths.
-
-        Texts are taken longest first (by characters), tokenised a window of WINDOW_BATCHES batches
-        at a time, and sorted by token count within the window, so batches pad very little. The Rust
-        tokenizer is called directly: the same ids as the transformers tokenizer, without its
-        per-token Python lists (which cost more than the tokenising itself).
-        """
-        order = np.argsort(np.fromiter((-len(t) for t in texts), dtype=np.int64, count=len(texts)), kind="stable")
-        for idx, lengths, flat in self._windows(texts, order):
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-            by_length = np.argsort(-lengths, kind="stable")
-            for b in range(0, len(idx), self.batch_size):
-                pick = by_length[b: b + self.batch_size]
-                yield (idx[pick], *self._pad_flat(flat, starts[pick], lengths[pick]))
+        with self._pipeline_lock:
+            self.load()
+            out = _output(out, len(texts), self.dim)
+            while True:
+                pipeline = self._pipeline
+                if pipeline is not None and pipeline.batch_size != self.batch_size:  # batch size changed (benchmarks)
+                    pipeline.close()
+                if pipeline is None or pipeline.closed:  # first use, idle too long, failed, or batch size changed
+                    self._pipeline = EmbedPipeline(self)
+                job = self._pipeline.submit(texts, out, on_batch)
+                if job is not None:
+                    return job
 
     def embed(self, texts: list[str], on_batch=None, out: np.ndarray | None = None) -> np.ndarray:
-        """Keys for `texts`, in order: float32 [len(texts), dim], rows of unit length.
-
-        `on_batch(n)` is called after each batch of n texts is done. With `out` (float16 or
-        float32, [len(texts), dim], e.g. a slice of a memory-mapped keys file) rows go there.
-        A producer thread tokenises ahead (PREFETCH batches) while the model runs; on an
-        accelerator each batch's keys are copied back only after the next batch is queued.
-        """
-        self.load()
-        out = _output(out, len(texts), self.dim)
-        if not texts:
-            return out
-        ready: queue.Queue = queue.Queue(maxsize=PREFETCH)
-        stop = threading.Event()
-        done = object()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                for batch in self._batches(texts):
-                    if not put(batch):
-                        return
-                put(done)
-            except BaseException as exc:  # handed to the consumer, raised there
-                put(exc)
-
-        producer = threading.Thread(target=produce, name="retrodb-tokenize", daemon=True)
-        producer.start()
-        pending = None  # (indices, keys still on the device)
-        try:
-            while (item := ready.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                idx, ids, mask = item
-                keys = self._forward(ids, mask)
-                if pending is not None:
-                    self._collect(out, *pending, on_batch)
-                pending = (idx, keys)
-            if pending is not None:
-                self._collect(out, *pending, on_batch)
-        finally:
-            stop.set()
-            producer.join()
-        return out
-
-    def _collect(self, out: np.ndarray, idx, keys, on_batch) -> None:
-        if out.dtype == np.float16:  # round on the device: half the bytes to copy back
-            keys = keys.to(self.torch.float16)
-        out[idx] = keys.cpu().numpy()
-        if on_batch is not None:
-            on_batch(len(idx))
+        """Keys for `texts`, in order: float32 [len(texts), dim] (or into `out`), rows of unit length."""
+        return self.submit(texts, out, on_batch).wait()
 
 
 def load_embedder(model: str | Path | None = None, device: str = "auto", dtype: str = "auto",

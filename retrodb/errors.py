@@ -22,6 +22,18 @@ class RetrodbError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
 
+    def __reduce__(self):
+        # Rebuilt from its fields, not by calling __init__ again (subclasses take other arguments): an error
+        # raised in a Ray worker reaches the command as the same error, hint included.
+        return _rebuild, (type(self), self.args, dict(self.__dict__))
+
+
+def _rebuild(cls, args: tuple, fields: dict) -> RetrodbError:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(fields)
+    return exc
+
 
 class UsageError(RetrodbError):
     """Options or arguments that do not go together, or a value an option does not take (exit 2)."""

@@ -1,8 +1,10 @@
-"""Executors run a stage over units: inline, in a local process pool, or on Ray.
+"""Executors run a stage over units: inline (on one or more threads), in a local process pool, or on Ray
+(cluster.py).
 
 They bound the number of units in flight (memory stays flat however many
 units there are), pass each result to `on_result` as it arrives, and route
-the stage's progress reports to `on_progress`.
+the stage's progress reports to `on_progress`, adding `{"units_total": n}`
+first (when the units are a list) and `{"units": 1}` as each unit finishes.
 
 Worker processes are spawned, and a spawned process re-runs the top-level
 code of the main script. A script that calls retrodb at its top level
@@ -25,7 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from functools import lru_cache
 from typing import Callable, Iterable
 
-from .errors import require
+from .errors import UsageError
 from .stages.base import Stage
 
 Callback = Callable[[dict], None]
@@ -104,21 +106,35 @@ def spawn_is_safe(workers: int) -> bool:
 
 
 class LocalExecutor:
-    """A process pool on this machine; `workers=1` runs inline in this process."""
+    """A process pool on this machine; `workers=1` runs inline in this process, on `threads` threads (a stage
+    that shares one model between units, as embed does, runs two units at once so that one is read and
+    tokenised while the other is on the model)."""
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self, workers: int | None = None, threads: int = 1):
         self.workers = workers or default_workers()
+        self.threads = max(1, threads)
 
     def run(self, stage: Stage, units: Iterable, on_result: Callback | None = None,
             on_progress: Callback | None = None) -> list[dict]:
+        if on_progress is not None and hasattr(units, "__len__"):
+            on_progress({"units_total": len(units)})
+        results: list[dict] = []
+
+        def done(res: dict) -> None:
+            results.append(res)
+            if on_result:
+                on_result(res)
+            if on_progress:
+                on_progress({"units": 1})
+
         if self.workers == 1 or not spawn_is_safe(self.workers):
             stage.set_reporter(on_progress)
             try:
-                results = []
-                for unit in units:
-                    results.append(stage.run(unit))
-                    if on_result:
-                        on_result(results[-1])
+                if self.threads == 1:
+                    for unit in units:
+                        done(stage.run(unit))
+                else:
+                    _run_on_threads(stage, units, self.threads, done)
                 return results
             finally:
                 stage.set_reporter(None)
@@ -128,16 +144,15 @@ class LocalExecutor:
         pump = threading.Thread(target=_pump, args=(q, on_progress, stop), daemon=True) if q else None
         if pump:
             pump.start()
-        results: list[dict] = []
         try:
             with ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
                 pending = set()
                 for unit in units:
                     pending.add(pool.submit(_run_in_worker, stage, unit))
                     if len(pending) >= 2 * self.workers:
-                        pending = _collect(pending, results, on_result)
+                        pending = _collect(pending, done)
                 while pending:
-                    pending = _collect(pending, results, on_result)
+                    pending = _collect(pending, done)
         finally:
             stop.set()
             if pump:
@@ -145,12 +160,30 @@ class LocalExecutor:
         return results
 
 
-def _collect(pending: set, results: list, on_result) -> set:
-    done, rest = wait(pending, return_when=FIRST_COMPLETED)
-    for fut in done:
-        results.append(fut.result())
-        if on_result:
-            on_result(results[-1])
+def _run_on_threads(stage: Stage, units: Iterable, threads: int, done: Callable[[dict], None]) -> None:
+    """`stage.run` over `units`, `threads` at a time in this process; `done` is called in the calling thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="retrodb-unit") as pool:
+        pending: set = set()
+        try:
+            for unit in units:
+                pending.add(pool.submit(stage.run, unit))
+                if len(pending) >= threads:
+                    pending = _collect(pending, done)
+            while pending:
+                pending = _collect(pending, done)
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            wait(pending)  # the units already running end before the error leaves (they share the stage)
+            raise
+
+
+def _collect(pending: set, done: Callable[[dict], None]) -> set:
+    finished, rest = wait(pending, return_when=FIRST_COMPLETED)
+    for fut in finished:
+        done(fut.result())
     return rest
 
 
@@ -163,41 +196,6 @@ def _pump(q, on_progress, stop: threading.Event) -> None:
                 return
         except (EOFError, OSError):
             return
-
-
-class RayExecutor:
-    """Runs each unit as a Ray task; `address` joins an existing cluster (default: start a local one)."""
-
-    def __init__(self, address: str | None = None, max_in_flight: int = 64, num_cpus_per_task: float = 1):
-        self.ray = require("ray", "ray")
-        self.address = address
-        self.max_in_flight = max_in_flight
-        self.num_cpus_per_task = num_cpus_per_task
-
-    def run(self, stage: Stage, units: Iterable, on_result: Callback | None = None,
-            on_progress: Callback | None = None) -> list[dict]:
-        ray = self.ray
-        if not ray.is_initialized():
-            ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
-        task = ray.remote(num_cpus=self.num_cpus_per_task)(_run_in_worker)
-        stage_ref = ray.put(stage)
-        results: list[dict] = []
-        pending: list = []
-
-        def drain(block_until: int) -> None:
-            nonlocal pending
-            while len(pending) > block_until:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    results.append(ray.get(ref))
-                    if on_result:
-                        on_result(results[-1])
-
-        for unit in units:
-            pending.append(task.remote(stage_ref, unit))
-            drain(self.max_in_flight - 1)
-        drain(0)
-        return results
 
 
 def run_keeping_finished(executor, stage: Stage, units: Iterable, on_result: Callback, on_progress: Callback | None,
@@ -215,9 +213,28 @@ def run_keeping_finished(executor, stage: Stage, units: Iterable, on_result: Cal
         raise
 
 
-def make_executor(kind: str = "local", workers: int | None = None, address: str | None = None):
+EXECUTORS = ("local", "ray")
+
+
+def check_executor(kind: str) -> None:
+    if kind not in EXECUTORS:
+        raise UsageError(f"unknown --executor {kind!r}: use local or ray")
+
+
+def make_executor(kind: str = "local", workers: int | None = None, address: str | None = None, *,
+                  threads: int = 1, cpus_per_task: float = 1, actors=None):
+    """`local`: a process pool of `workers` (inline on `threads` threads with one worker); `ray`: the cluster at
+    `address` (default: $RAY_ADDRESS or a new local one), each unit a task of `cpus_per_task` CPUs, or with
+    `actors` (cluster.ActorPlan) on a pool of model actors."""
     if kind == "local":
-        return LocalExecutor(workers)
+        return LocalExecutor(workers, threads)
     if kind == "ray":
-        return RayExecutor(address=address)
-    raise ValueError(f"unknown executor {kind!r}: use local or ray")
+        from .cluster import RayExecutor
+
+        return RayExecutor(address, cpus_per_task=cpus_per_task, actors=actors)
+    check_executor(kind)
+
+
+def node_figures(executor) -> list[dict]:
+    """Per-node figures of the executor's last run (Ray only; [] for the local executor)."""
+    return list(getattr(executor, "nodes", []) or [])

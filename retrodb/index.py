@@ -21,7 +21,7 @@ from pathlib import Path
 from . import faults
 from .database import Database
 from .errors import ConfigMismatch, MissingStage
-from .executor import make_executor
+from .executor import check_executor, make_executor, node_figures
 from .shards import merge_units
 from .snapshot import Segment, segment_name
 from .stages.base import segment_unit
@@ -41,6 +41,8 @@ class IndexReport:
     without_keys: list[str] = field(default_factory=list)
     merged: list[dict] = field(default_factory=list)  # shards built by --merge: name, tier, vectors, segments
     seconds: float = 0.0
+    nodes: dict = field(default_factory=dict)  # on Ray: {"index": [per-node figures]}
+    retried_units: int = 0  # on Ray: unit attempts lost to a dead worker or node, and run again
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -77,7 +79,11 @@ def index(root: str | Path, *, space: str | None = None, M: int | None = None, e
           executor: str = "local", ray_address: str | None = None, wait: float = 0.0, merge: bool = False,
           progress=None) -> IndexReport:
     """Build the HNSW index of every segment of the database at `root` that has keys and no current index;
-    with `merge`, then merge index units into shards in size tiers (see retrodb/shards.py)."""
+    with `merge`, then merge index units into shards in size tiers (see retrodb/shards.py).
+
+    Locally one segment at a time on `threads` threads (default all cores); on Ray each segment is a task of
+    `threads` CPUs (default 1), as many at once as the cluster has room for."""
+    check_executor(executor)
     if commit_every < 1:
         commit_every = 1
     db = Database(root)
@@ -132,12 +138,19 @@ def index(root: str | Path, *, space: str | None = None, M: int | None = None, e
             if len(pending) >= commit_every:
                 commit()
 
+        if executor == "ray":
+            threads = threads or 1
         stage = IndexStage(w.root, params, threads)
         for seg in todo:  # the files this run may publish: removed by the next writer unless committed
             w.track(w.segment_dir(seg.number) / index_file_name(params, seg.files["keys"]), job)
         on_progress = (lambda c: progress({**c, "advance": c.get("chunks", 0)})) if progress is not None else None
-        make_executor(executor, 1, ray_address).run(stage, [segment_unit(s) for s in todo],
-                                                    on_result=on_result, on_progress=on_progress)
+        runner = make_executor(executor, 1, ray_address, cpus_per_task=threads or 1)
+        try:
+            runner.run(stage, [segment_unit(s) for s in todo], on_result=on_result, on_progress=on_progress)
+        finally:
+            if executor == "ray":
+                report.nodes = {"index": node_figures(runner)}
+                report.retried_units = runner.retried
         if pending or recorded != params:
             commit()
         if merge:

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from . import faults
 from .database import Database, Writer
-from .errors import BadInput, RetrodbError, UsageError
-from .executor import make_executor
+from .errors import BadInput, RetrodbError, UsageError, require
+from .executor import check_executor, make_executor, node_figures
 from .readers import FORMATS, IGNORED_KINDS, Issue, ReadOptions, pack_units, plan_pieces, stdin_units, unit_size
 from .segment import write_table_file
 from .store import write_from_tables
@@ -56,6 +56,9 @@ class IngestOptions:
             raise UsageError(f"unknown --on-error {self.on_error!r}; use skip or fail")
         if self.segment_bytes < 1:
             raise UsageError("--segment-bytes must be positive")
+        check_executor(self.executor)
+        if self.executor == "ray":  # before anything is created
+            require("ray", "ray")
 
 
 @dataclass
@@ -71,6 +74,8 @@ class IngestReport:
     ignored_counts: dict[str, int] = field(default_factory=dict)  # left out by the folder policy, not errors
     ignored: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    nodes: dict = field(default_factory=dict)  # on Ray: {"ingest": [per-node figures]}
+    retried_units: int = 0  # on Ray: unit attempts lost to a dead worker or node, and run again
 
     @property
     def skipped(self) -> int:
@@ -220,6 +225,10 @@ def stage_sources(w: Writer, job: str, pieces, plan_issues: list[Issue], opts: I
     except BadInput:
         shutil.rmtree(job_dir, ignore_errors=True)
         raise
+    finally:
+        if opts.executor == "ray":
+            report.nodes = {"ingest": node_figures(executor)}
+            report.retried_units = executor.retried
     results.sort(key=lambda r: r["segment"])
     segments: dict[int, Segment] = {}
     last = first - 1

@@ -100,17 +100,8 @@ class ManifestEdit:
     def apply(self, result: dict) -> Segment:
         """Apply a stage result {"segment": n, "entry": {...}}: a whole new entry (ingest, compact) or files and
         fields added to an existing segment (embed, index)."""
-        number, entry = int(result["segment"]), result["entry"]
-        seg = self.segment(number)
-        if seg is None:
-            return self.put(Segment.from_json(number, entry))
-        merged = seg.to_json()
-        for key, value in entry.items():
-            if key == "files":
-                merged["files"].update(value)
-            else:
-                merged[key] = value
-        return self.put(Segment.from_json(number, merged))
+        number = int(result["segment"])
+        return self.put(applied(self.segment(number), result))
 
     def new_segments(self) -> list[Segment]:
         """Segments this edit adds (their documents are not in the id runs yet)."""
@@ -229,3 +220,18 @@ def _write_groups(root: Path, edit: ManifestEdit, track, groups) -> list[GroupRe
                              summarize(item)))
         faults.point("commit.group_written")
     return refs
+
+
+def applied(seg: Segment | None, result: dict) -> Segment:
+    """The segment a stage result {"segment": n, "entry": {...}} makes of `seg`: the result's whole entry when
+    `seg` is None (a new segment), else `seg` with the result's files and fields added."""
+    number, entry = int(result["segment"]), result["entry"]
+    if seg is None:
+        return Segment.from_json(number, entry)
+    merged = seg.to_json()
+    for key, value in entry.items():
+        if key == "files":
+            merged["files"].update(value)
+        else:
+            merged[key] = value
+    return Segment.from_json(number, merged)

@@ -63,6 +63,8 @@ class NeighboursReport:
     exact_segments: list[str] = field(default_factory=list)  # searched exactly (no index)
     committed: bool = False  # the run's one commit (none when nothing changed)
     seconds: float = 0.0
+    nodes: dict = field(default_factory=dict)  # on Ray: {"neighbours": [per-node figures]}
+    retried_units: int = 0  # on Ray: unit attempts lost to a dead worker or node, and run again
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -287,12 +289,11 @@ def compute_neighbours(root: str | Path, k: int = DEFAULT_K, *, ef: int | None =
     segment's file is published as it is done, so a killed run's rerun computes only what was left.
     """
     from .database import Database
-    from .executor import default_workers, make_executor
+    from .executor import check_executor, default_workers, make_executor, node_figures
 
     started = time.perf_counter()
     params = check_params(k, margin, ef)
-    if executor not in ("local", "ray"):
-        raise RetrodbError(f"unknown --executor {executor!r}: use local or ray")
+    check_executor(executor)
     db = Database(root)
     job = "neighbours-" + hashlib.sha256(json.dumps([params, refresh]).encode()).hexdigest()[:12]
     with db.writer("neighbours", wait=wait, keep_job=job) as w:
@@ -315,8 +316,8 @@ def compute_neighbours(root: str | Path, k: int = DEFAULT_K, *, ef: int | None =
                 if refresh or not neighbours_is_current(s, params)]
         report.up_to_date = totals["segments"] - len(todo)
         n_workers = workers or 1
-        if threads is None:
-            threads = max(1, default_workers() // n_workers)
+        if threads is None:  # locally: the cores shared by the workers; on Ray: one CPU per segment's task
+            threads = 1 if executor == "ray" else max(1, default_workers() // n_workers)
         stage = NeighboursStage(w.root, base.version, params, threads)
         report.exact_segments = sorted(t.name for t in stage.searcher().targets() if t.kind == "exact")
         if progress is not None:
@@ -338,8 +339,13 @@ def compute_neighbours(root: str | Path, k: int = DEFAULT_K, *, ef: int | None =
             report.resumed_segments += int(result["resumed"])
 
         on_progress = (lambda c: progress({**c, "advance": c.get("chunks", 0)})) if progress is not None else None
-        make_executor(executor, n_workers, ray_address).run(stage, [s.number for s in todo], on_result=on_result,
-                                                            on_progress=on_progress)
+        runner = make_executor(executor, n_workers, ray_address, cpus_per_task=threads)
+        try:
+            runner.run(stage, [s.number for s in todo], on_result=on_result, on_progress=on_progress)
+        finally:
+            if executor == "ray":
+                report.nodes = {"neighbours": node_figures(runner)}
+                report.retried_units = runner.retried
         if pending or recorded != params:
             edit = w.edit("neighbours")
             edit.config["neighbours"] = params

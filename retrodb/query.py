@@ -43,6 +43,7 @@ from .snapshot import Segment, Snapshot, segment_name
 from .stages.index import DEFAULT_PARAMS, open_keys, params_of, read_chunk_ids
 
 FEW_QUERIES = 8  # query texts embedded on one CPU thread (see Searcher._embed)
+BATCH_QUERIES = 64  # from this many query texts on, the embedder's dtype is chosen as `retrodb embed` does
 EXACT_BLOCK = 1 << 23  # key-by-query scores computed per block in exact search (floats)
 CHUNK_COLUMNS = ["chunk_id", "doc_id", "position", "char_start", "char_end", "tokens", "continuation_id"]
 
@@ -498,43 +499,9 @@ class Searcher:
               exclude_same_doc: bool = True, vectors: np.ndarray | None = None,
               on_warning: Callable[[str], None] | None = None, overlap: bool = False) -> list[QueryResult]:
         """Neighbours of each query text (or chunk, or vector), best first. See `Database.query`."""
-        warn = on_warning or (lambda m: warnings.warn(m, QueryWarning, stacklevel=3))
-        if k < 1:
-            raise UsageError(f"k must be at least 1, not {k}")
-        if ef < 1:
-            raise UsageError(f"ef must be at least 1, not {ef}")
-        modes = sum(x is not None for x in (texts, chunk_ids, vectors))
-        if modes != 1:
-            raise UsageError("give exactly one of: query texts, chunk ids, or vectors")
         with self._lock:
-            self._check_searchable(warn)
-            exclude = [exclude_doc] if isinstance(exclude_doc, str) else list(exclude_doc or [])
-            common = self._doc_exclusions(exclude, warn)
-            if texts is not None:
-                texts = [texts] if isinstance(texts, str) else list(texts)
-                if not texts or any(not t.strip() for t in texts):
-                    raise UsageError("empty query: every query needs some text",
-                                       hint='retrodb query DB "some text" (or --file FILE, or --chunk-id N)')
-                q = self._embed(texts)
-                labels = texts
-                exclusions = [common] * len(texts)
-                asked = [None] * len(texts)
-            elif vectors is not None:
-                q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
-                labels = [f"vector {i}" for i in range(len(q))]
-                exclusions = [common] * len(q)
-                asked = [None] * len(q)
-            else:
-                asked = [int(c) for c in chunk_ids]
-                if not asked:
-                    raise UsageError("empty query: no chunk ids given", hint="retrodb query DB --chunk-id N")
-                q, own, homes = self._chunk_keys(asked)
-                exclusions = [common + (own[i] if exclude_same_doc else []) for i in range(len(asked))]
-                labels = None
-            dim = int(self.config["embedder"]["dim"])
-            if q.ndim != 2 or q.shape[1] != dim:
-                raise RetrodbError(f"query vectors have shape {q.shape}; this database's keys have dim {dim}")
-            hits = self.search(q, k, ef=ef, exact=exact, exclusions=exclusions, warn=warn)
+            hits, labels, asked, homes = self._hits(texts, chunk_ids, vectors, k, ef, exact, exclude_doc,
+                                                    exclude_same_doc, on_warning)
             where = {cid: seg for row in hits for cid, _, seg in row}
             if labels is None:
                 where.update(zip(asked, homes))
@@ -549,6 +516,55 @@ class Searcher:
                     neighbours = [with_overlap(n, q_tokens, self._tokenizer()) for n in neighbours]
                 out.append(QueryResult(labels[i], neighbours, asked[i]))
             return out
+
+    def nearest(self, texts: str | list[str], k: int = 4, *, ef: int = 64, exact: bool = False,
+                exclude_doc: str | Iterable[str] | None = None,
+                on_warning: Callable[[str], None] | None = None) -> list[list[tuple[int, float, str]]]:
+        """Like `query` with texts, but only the neighbours' (chunk_id, score, segment), best first: no chunk
+        or document text is read (for callers that want ids or stored tokens, as the model's live retrieval)."""
+        with self._lock:
+            return self._hits(texts, None, None, k, ef, exact, exclude_doc, True, on_warning)[0]
+
+    def _hits(self, texts, chunk_ids, vectors, k: int, ef: int, exact: bool, exclude_doc, exclude_same_doc: bool,
+              on_warning) -> tuple[list[list[tuple[int, float, str]]], list[str] | None, list, list]:
+        """(hits, labels, asked chunk ids, their segments) of one query call; the caller holds the lock."""
+        warn = on_warning or (lambda m: warnings.warn(m, QueryWarning, stacklevel=4))
+        if k < 1:
+            raise UsageError(f"k must be at least 1, not {k}")
+        if ef < 1:
+            raise UsageError(f"ef must be at least 1, not {ef}")
+        modes = sum(x is not None for x in (texts, chunk_ids, vectors))
+        if modes != 1:
+            raise UsageError("give exactly one of: query texts, chunk ids, or vectors")
+        self._check_searchable(warn)
+        exclude = [exclude_doc] if isinstance(exclude_doc, str) else list(exclude_doc or [])
+        common = self._doc_exclusions(exclude, warn)
+        homes: list = []
+        if texts is not None:
+            texts = [texts] if isinstance(texts, str) else list(texts)
+            if not texts or any(not t.strip() for t in texts):
+                raise UsageError("empty query: every query needs some text",
+                                 hint='retrodb query DB "some text" (or --file FILE, or --chunk-id N)')
+            q = self._embed(texts)
+            labels = texts
+            exclusions = [common] * len(texts)
+            asked = [None] * len(texts)
+        elif vectors is not None:
+            q = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+            labels = [f"vector {i}" for i in range(len(q))]
+            exclusions = [common] * len(q)
+            asked = [None] * len(q)
+        else:
+            asked = [int(c) for c in chunk_ids]
+            if not asked:
+                raise UsageError("empty query: no chunk ids given", hint="retrodb query DB --chunk-id N")
+            q, own, homes = self._chunk_keys(asked)
+            exclusions = [common + (own[i] if exclude_same_doc else []) for i in range(len(asked))]
+            labels = None
+        dim = int(self.config["embedder"]["dim"])
+        if q.ndim != 2 or q.shape[1] != dim:
+            raise RetrodbError(f"query vectors have shape {q.shape}; this database's keys have dim {dim}")
+        return self.search(q, k, ef=ef, exact=exact, exclusions=exclusions, warn=warn), labels, asked, homes
 
     def search(self, q: np.ndarray, k: int, *, ef: int = 64, exact: bool = False,
                exclusions: list[list[_Exclusion]] | None = None, warn=None) -> list[list[tuple[int, float, int]]]:
@@ -651,12 +667,15 @@ class Searcher:
                  f"not searched; run: retrodb embed {self.root}")
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        key = ("embedder", self.config["embedder"]["sha256"], self.device)
+        batch = len(texts) >= BATCH_QUERIES
+        key = ("embedder", self.config["embedder"]["sha256"], self.device, batch)
         if key not in self.cache:
             from .embedder import embedder_for
 
             device, dtype = _query_device(self.device, self.config["embedder"])
-            self.cache[key] = embedder_for(self.config, device=device, dtype=dtype)
+            # many texts at once (the model's live retrieval in eval): the dtype `embed` would pick, bf16
+            # where this CPU has it and it measures faster (the measuring costs a second, once per process)
+            self.cache[key] = embedder_for(self.config, device=device, dtype="auto" if batch else dtype)
         embedder = self.cache[key]
         if getattr(embedder, "device", "cpu") != "cpu" or not hasattr(embedder, "torch") \
                 or len(texts) > FEW_QUERIES:

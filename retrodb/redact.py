@@ -539,8 +539,8 @@ def _start(w, plan: RedactionPlan, selectors, mode: str, mask_token: str, ignore
         job = "redact-mask"
         piece = Piece("documents", "<redact>", size=sum(len(d.text) for d in docs), documents=docs)
         staged = stage_sources(w, job, [piece], [], IngestOptions(workers=1), replace=True)
-        embedder, index_builder = segment_finishers(w.base.config, device)
-        finish_segments(w, staged.job_dir, staged.segments, embedder, index_builder)
+        embedder, index_params = segment_finishers(w.base.config, device)
+        finish_segments(w, staged.job_dir, staged.segments, embedder, index_params)
         staged.put_into(edit)
         report.masked_documents = sum(seg.documents for seg in staged.segments.values())
         written.update(seg.name for seg in staged.segments.values())

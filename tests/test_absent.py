@@ -8,7 +8,7 @@ import numpy as np
 from retrodb.absent import scan_absent
 from retrodb.embedder import HashEmbedder
 from retrodb.ingest import IngestOptions, ingest
-from retrodb.tokenizer import default_model_dir, load_tokenizer
+from retrodb.tokenizer import default_lm_tokenizer_dir, default_model_dir, load_tokenizer
 from tests.conftest import make_text
 
 SECRET = "zebra-quartz 7731 hidden phrase"
@@ -18,7 +18,7 @@ def test_finds_text_inside_compressed_parquet_and_token_ids(tmp_path, db_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"id": "s", "text": make_text(1) + " " + SECRET + " " + make_text(2)}) + "\n")
     ingest(db_path, [str(src)], IngestOptions(workers=1))
-    tok = str(default_model_dir())
+    tok = str(default_lm_tokenizer_dir())  # byte-level BPE: mid-sentence, the secret's ids start with "Ġzebra"
     hits = scan_absent(db_path, [SECRET], tokenizer_path=tok)
     where = {(h.file.split("/")[-1], h.what) for h in hits}
     assert ("documents.parquet", "text") in where and ("chunks.parquet", "tokens") in where
@@ -96,7 +96,7 @@ def test_hits_name_the_document(tmp_path, db_path):
     src.write_text("".join(json.dumps({"id": f"doc-{i}", "text": make_text(i) + (f" {SECRET}" if i == 3 else "")})
                            + "\n" for i in range(6)))
     ingest(db_path, [str(src)], IngestOptions(workers=1))
-    hits = scan_absent(db_path, [SECRET], tokenizer_path=str(default_model_dir()))
+    hits = scan_absent(db_path, [SECRET], tokenizer_path=str(default_lm_tokenizer_dir()))
     docs = {(h.what, h.doc_id, h.segment) for h in hits if h.doc_id}
     assert ("text", "doc-3", "seg-000001") in docs and ("tokens", "doc-3", "seg-000001") in docs
     assert "document 'doc-3' of seg-000001" in [h for h in hits if h.doc_id][0].describe()

@@ -39,7 +39,7 @@ KILL_POINTS = {
                 "compact.keys_written#2", "index.saved#1", "compact.index_written#2", "compact.neighbours_written#1",
                 "compact.segment_done#1",
                 "compact.segment_done#2",
-                "compact.before_commit", "commit.group_written#2", "commit.id_run_written#1", "commit.before_manifest",
+                "compact.before_commit", "commit.group_written#1", "commit.id_run_written#1", "commit.before_manifest",
                 "commit.before_current", "commit.after_current"],
     "neighbours": ["neighbours.block_done#1", "neighbours.block_done#3", "neighbours.segment_published#1",
                    "neighbours.segment_published#2", "neighbours.before_commit", "commit.before_manifest",

@@ -207,7 +207,9 @@ def test_cli_json_schema(cli, tmp_path, db_path):
     assert res.code == 0, res.err
     (rec,) = res.json_lines()
     assert set(rec) == {"version", "model", "device", "dtype", "batch_size", "segments", "skipped_segments", "chunks",
-                        "resumed_chunks", "commits", "model_loaded", "load_seconds", "seconds", "chunks_per_s"}
+                        "resumed_chunks", "commits", "model_loaded", "load_seconds", "seconds", "chunks_per_s",
+                        "executor", "nodes", "retried_units"}
+    assert rec["executor"] == "local" and rec["nodes"] == {} and rec["retried_units"] == 0
     total = retrodb.open(db_path).snapshot.totals()["chunks"]
     assert (rec["version"], rec["model"], rec["chunks"], rec["commits"], rec["resumed_chunks"]) == (2, HASH, total, 1, 0)
     assert rec["device"] == "cpu" and rec["model_loaded"] is False and rec["chunks_per_s"] > 0

@@ -6,6 +6,7 @@ initialised BERT with MiniLM's tokenizer; the `slow` ones use the bundled MiniLM
 """
 
 import pickle
+import threading
 import shutil
 
 import numpy as np
@@ -22,23 +23,6 @@ from tests.conftest import make_text
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory):
-    """A 2-layer, 32-dim BERT with random (seeded) weights and MiniLM's tokenizer, saved like any HF model."""
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, max_position_embeddings=512)
-    transformers.BertModel(config).save_pretrained(directory)
-    for name in TOKENIZER_FILES:
-        if (default_model_dir() / name).exists():
-            shutil.copy(default_model_dir() / name, directory / name)
-    return directory
-
 
 def reference(model_dir, texts, max_length=128) -> np.ndarray:
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
@@ -239,3 +223,122 @@ def test_minilm_end_to_end_cli(cli, corpus, db_path):
 def test_bad_dtype_is_a_clear_error(tiny_bert):
     with pytest.raises(RetrodbError, match="unknown dtype 'fp8'"):
         BertEmbedder(tiny_bert, dtype="fp8")
+
+
+# ------------------------------------------------------------ the pipeline (embed_pipeline.py), on CPU
+
+
+def test_pipeline_keys_do_not_depend_on_concurrency(tiny_bert):
+    """Jobs submitted from two threads at once, interleaved, give exactly the keys of one job at a time and of
+    the same batches computed inline: a job's batches never depend on what else runs."""
+    from retrodb.embed_pipeline import run_inline
+
+    a, b = varied_texts(), [make_text(700 + i, 10 + i) for i in range(50)]
+    emb = BertEmbedder(tiny_bert, device="cpu", dtype="fp32", batch_size=4)
+    try:
+        alone = [emb.embed(a), emb.embed(b)]
+        assert np.array_equal(alone[0], run_inline(emb, a, np.empty((len(a), 32), np.float32)))
+        together: dict = {}
+
+        def submit_many(name, texts):
+            jobs = [emb.submit(texts) for _ in range(3)]
+            together[name] = [j.wait() for j in jobs]
+
+        threads = [threading.Thread(target=submit_many, args=args) for args in (("a", a), ("b", b))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(np.array_equal(k, alone[0]) for k in together["a"])
+        assert all(np.array_equal(k, alone[1]) for k in together["b"])
+        assert not emb._pipeline.pinned  # on CPU: plain tensors, the same threads
+        assert {t.name for t in emb._pipeline.threads} == {"retrodb-embed-tokenise", "retrodb-embed-compute",
+                                                          "retrodb-embed-write"}
+        threads = emb._pipeline.threads
+    finally:
+        emb.close()
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_an_idle_pipeline_ends_its_threads_and_the_next_submit_starts_new_ones(tiny_bert, monkeypatch):
+    from retrodb import embed_pipeline
+
+    monkeypatch.setattr(embed_pipeline, "IDLE", 0.3)
+    emb = BertEmbedder(tiny_bert, device="cpu", dtype="fp32", batch_size=4)
+    want = emb.embed(varied_texts())
+    first = emb._pipeline
+    for t in first.threads:
+        t.join(timeout=10)
+    assert first.closed and not any(t.is_alive() for t in first.threads)
+    assert np.array_equal(emb.embed(varied_texts()), want) and emb._pipeline is not first
+    emb.close()
+
+
+def test_staged_path_of_accelerators_gives_the_same_keys_on_cpu(tiny_bert, monkeypatch):
+    """The path CUDA takes (ring of host buffers for ids, lengths and keys, events, a free-slot queue), run on
+    CPU: exactly the keys of the direct path, float16 and float32, with more batches than buffers."""
+    from retrodb import embed_pipeline
+
+    texts = varied_texts() * 4  # 160 texts, 40 batches: every buffer is reused many times
+    direct = BertEmbedder(tiny_bert, device="cpu", dtype="fp32", batch_size=4)
+    want32 = direct.embed(texts)
+    want16 = direct.embed(texts, out=np.empty((len(texts), 32), np.float16))
+    direct.close()
+    monkeypatch.setenv("RETRODB_EMBED_STAGED", "1")
+    emb = BertEmbedder(tiny_bert, device="cpu", dtype="fp32", batch_size=4)
+    try:
+        got16 = emb.embed(texts, out=np.empty((len(texts), 32), np.float16))
+        assert emb._pipeline.staged and not emb._pipeline.pinned
+        assert len(emb._pipeline._in_slots) == embed_pipeline.INPUT_SLOTS
+        assert np.array_equal(emb.embed(texts), want32) and np.array_equal(got16, want16)
+    finally:
+        emb.close()
+
+
+def test_pipeline_failure_fails_its_jobs_and_the_next_submit_starts_afresh(tiny_bert):
+    texts = varied_texts()
+    emb = BertEmbedder(tiny_bert, device="cpu", dtype="fp32", batch_size=4)
+    try:
+        want = emb.embed(texts)
+
+        def broken(n):
+            raise OSError(28, "No space left on device")
+
+        with pytest.raises(OSError, match="No space left"):
+            emb.submit(texts, on_batch=broken).wait()
+        assert np.array_equal(emb.embed(texts), want)  # a new pipeline
+    finally:
+        emb.close()
+
+
+def test_first_window_is_one_batch_then_windows_grow():
+    from retrodb.embed_pipeline import WINDOW_BATCHES, window_sizes
+
+    sizes = [b - a for a, b in window_sizes(10_000, 4)]
+    assert sizes[:6] == [4, 4, 8, 16, 32, 64] and max(sizes) == WINDOW_BATCHES * 4 and sum(sizes) == 10_000
+    assert list(window_sizes(0, 4)) == [] and list(window_sizes(3, 4)) == [(0, 3)]
+
+
+def test_stage_submits_the_next_pass_before_waiting_for_this_one(tmp_path, corpus):
+    """The embed stage keeps the embedder busy across passes: pass k+1 is queued before pass k is made durable."""
+    from retrodb.embedder import HashEmbedder
+    from retrodb.stages.base import segment_unit
+    from retrodb.stages.embed import EmbedStage
+
+    events = []
+
+    class Recording(HashEmbedder):
+        def submit(self, texts, out=None, on_batch=None):
+            n = len([e for e in events if e[0] == "submit"])
+            events.append(("submit", n))
+            job = super().submit(texts, out, on_batch)
+            wait = job.wait
+            job.wait = lambda: events.append(("wait", n)) or wait()
+            return job
+
+    ingest(tmp_path / "db", [str(corpus)], IngestOptions(workers=1))
+    name, seg = next(iter(retrodb.open(tmp_path / "db").snapshot.segments.items()))
+    EmbedStage(tmp_path / "db", Recording(16), tmp_path / "work", rows_per_pass=5).run(segment_unit(seg))
+    passes = -(-seg.chunks // 5)
+    assert passes >= 3
+    assert events[:3] == [("submit", 0), ("submit", 1), ("wait", 0)] and events[-1] == ("wait", passes - 1)

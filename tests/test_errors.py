@@ -114,12 +114,23 @@ def corrupt_middle(path) -> None:
     path.write_bytes(bytes(data))
 
 
+def corrupt_pages(path) -> None:
+    """Overwrite every data page of a Parquet file (its footer kept): whichever row group a reader needs fails."""
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")
+    data[4: len(data) - 8 - footer] = b"\xff" * (len(data) - 12 - footer)
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+
+
 def test_corrupt_segment_file_under_query_and_redact(cli, db):
     name, seg = sorted(retrodb.open(db).snapshot.segments.items())[0]
     rel = seg.files["chunks"]["path"]
-    corrupt_middle(db / rel)
+    corrupt_pages(db / rel)
+    store = seg.files["store"]["path"]  # what a query reads its winners from
+    corrupt_middle(db / store)
     r = cli("query", db, "retrieval database", "-k", "20")
-    assert clear(r, f"cannot read {rel}", f"retrodb verify {db}"), r.err
+    assert clear(r, f"cannot read {store}", f"retrodb verify {db}"), r.err
     r = cli("redact", db, "--literal", "retrieval", "--yes")
     assert clear(r, "retrodb verify"), r.err
     r = cli("sql", db, "SELECT sum(num_tokens) FROM chunks")

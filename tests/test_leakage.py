@@ -73,7 +73,7 @@ def test_identical_text_leaks_fully_and_unrelated_text_does_not(leak_db):
     copy = [c for c in report.chunks if c.file.endswith("copy.txt")]
     other = [c for c in report.chunks if c.file.endswith("unrelated.txt")]
     assert copy and all(c.r == 1.0 and c.doc_id == "d3" for c in copy)
-    assert other and all(c.run <= 3 for c in other)  # a shared word or two ("walrus"), never a passage
+    assert other and all(c.run <= 6 for c in other)  # a shared word or two ("walrus": several BPE tokens), never a passage
     s = report.summary()
     assert s["files"][copy[0].file]["buckets"]["<=100%"] == len(copy)
     assert s["files"][copy[0].file]["share_bytes_r_above_half"] == 1.0

@@ -4,7 +4,11 @@ A stage is a picklable object whose `run(unit)` does the work for one unit
 (a segment), is idempotent (a finished unit is recognised and skipped) and
 returns a JSON-able dict of results. Executors run stages; they know nothing
 about text. A stage reports progress through `self.report(**counts)`, which
-the executor routes to the caller's progress callback.
+the executor routes to the caller's progress callback. `root` is the database
+directory (a cluster executor checks that every node sees it); `prepare()`
+loads what every unit needs (a model) where the stage will run, once per
+process, and says what it loaded. `run` may be called from several threads at
+once (embed runs two units at a time on one model).
 
 Units and results have one shape for every stage, and a segment is named by
 its number (an int) in both; `segment_name(n)` gives its directory and
@@ -31,12 +35,17 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+
 class Stage:
     name = "stage"
+    root = None  # the database directory (a Path), set by each stage
     _reporter: Callable[[dict], None] | None = None
 
     def run(self, unit: dict) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def prepare(self) -> dict:
+        return {}
 
     def report(self, **counts: int) -> None:
         if self._reporter is not None:

@@ -3,7 +3,8 @@
 Work in progress is durable: the keys are written into `<work_dir>/<segment>.keys.npy`
 (a preallocated .npy, memory-mapped) one pass of `rows_per_pass` chunks at a time;
 after each pass the file is flushed and fsynced, then `<segment>.rows.json` records
-how many leading rows are final. A rerun after a crash continues from there, so a
+how many leading rows are final. The next pass is submitted to the embedder before the
+current one is waited for, so the model runs on while a pass is made durable. A rerun after a crash continues from there, so a
 crash costs at most the pass it interrupted. The finished file is renamed to
 `segments/<segment>/keys-<sha12>-<maxlen>.npy`; until a snapshot lists it, a rerun
 finds it there and reuses it.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,18 @@ class EmbedStage(Stage):
         self.embedder = embedder
         self.work_dir = Path(work_dir)
         self.rows_per_pass = rows_per_pass
+
+    def prepare(self) -> dict:
+        """Load the model here (an actor does, once) and check that its weights are the ones the coordinator
+        chose: a node with another model at the same path would otherwise write other keys."""
+        emb = self.embedder
+        expected = emb.identity()
+        if getattr(emb, "kind", None) == "bert":
+            from ..embedder import check_identity, weights_sha256
+
+            check_identity(expected, {**expected, "sha256": weights_sha256(emb.path)})
+        emb.load()
+        return {"device": emb.device, "dtype": emb.dtype, "batch_size": emb.batch_size}
 
     def pass_rows(self) -> int:
         """Chunks per durable pass: at least ROWS_PER_PASS, and 128 batches (a pass costs an fsync)."""
@@ -94,13 +108,28 @@ class EmbedStage(Stage):
             marker.unlink(missing_ok=True)
             keys = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(texts), dim))
         per_pass = self.pass_rows()
-        for start in range(rows_done, len(texts), per_pass):
-            stop = min(start + per_pass, len(texts))
-            self.embedder.embed(texts[start:stop], on_batch=lambda n: self.report(chunks=n), out=keys[start:stop])
+        passes: deque = deque()  # (stop, job) submitted, oldest first
+
+        def finish_pass() -> None:
+            stop, job = passes.popleft()
+            job.wait()
             keys.flush()
             fsync_file(partial)
             atomic_write_bytes(marker, json.dumps({"rows": stop, "of": len(texts), "dim": dim}).encode())
             faults.point("embed.pass_done")
+
+        try:
+            for start in range(rows_done, len(texts), per_pass):
+                stop = min(start + per_pass, len(texts))
+                passes.append((stop, self.embedder.submit(texts[start:stop], keys[start:stop],
+                                                          lambda n: self.report(chunks=n))))
+                if len(passes) > 1:
+                    finish_pass()
+            while passes:
+                finish_pass()
+        finally:
+            for _, job in passes:  # a failure: let the passes still running end before the file is let go
+                job.done.wait()
         del keys
         publish(partial, final)
         marker.unlink(missing_ok=True)

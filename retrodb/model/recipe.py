@@ -1,0 +1,150 @@
+"""The recipe of the bundled model: `make model` (python -m retrodb.model.recipe) reproduces it.
+
+Steps, each resumable (a rerun skips what is done):
+  1. corpus     write the corpus (corpus.py: stdlib, pydoc topics, dependencies' sources) and
+                its manifest; the held-out documents are written apart and never trained on
+  2. tokenizer  train the byte-level BPE on the training documents; it must equal the bundled
+                tokenizer.json (new databases use that one), or `--write-tokenizer` replaces it
+  3. database   ingest, embed (frozen MiniLM keys), index, neighbours (k=2, other documents only)
+  4. train      `retrodb train` with BUNDLED_MODEL and BUNDLED_TRAIN (resumes an interrupted run)
+  5. export     copy the last checkpoint into retrodb/model/bundled (weights, config, tokenizer,
+                training.json)
+
+    python -m retrodb.model.recipe [--work DIR] [--steps N] [--max-minutes M] [--skip-train]
+    python -m retrodb.model.recipe export RUN_DIR        # ship a run's latest checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .config import RetroConfig
+from .train import TrainConfig
+
+# 7.8M parameters (31 MB in fp32): what a few hours of a shared 2-core CPU can train.
+BUNDLED_MODEL = RetroConfig(vocab_size=8192, chunk_size=64, dim=256, n_layers=6, n_heads=4, head_dim=64, ffn_mult=4,
+                            cca_layers=None, enc_dim=128, enc_layers=2, enc_heads=2)
+# What one session of a shared 2-core CPU could train (about an hour, niced): 700 steps of 8 x 512 tokens.
+# Continue it with: retrodb train model-work/db --out model-work/run --resume --steps N (docs/model.md).
+BUNDLED_TRAIN = TrainConfig(seq_len=512, k=2, batch_size=8, steps=700, lr=2e-3, min_lr_ratio=0.1,
+                            warmup_steps=30, weight_decay=0.1, grad_clip=1.0, eval_every=120, eval_sequences=32,
+                            checkpoint_every=20, log_every=5, seed=0, val_fraction=0.02)
+VOCAB_SIZE = 8192
+
+
+def step_corpus(work: Path) -> dict:
+    """The tokenizer's corpus (every source) in work/corpus, the model database's (MODEL_SOURCES) in work/model-corpus."""
+    from .corpus import MODEL_SOURCES, write_corpus, write_manifest
+
+    write_corpus(work / "corpus")
+    summary = write_corpus(work / "model-corpus", MODEL_SOURCES)
+    summary["manifest_sha256"] = write_manifest(work / "corpus-manifest.tsv")  # compare with docs/model-corpus.tsv
+    print(f"corpus: {summary['documents']} documents, {summary['bytes']:,} bytes; {summary['held_out']} held out; "
+          f"file list sha256 {summary['manifest_sha256'][:12]} (Python {summary['python']}; "
+          "docs/model-corpus.tsv is the recipe's)", flush=True)
+    return summary
+
+
+def step_tokenizer(work: Path, write: bool) -> None:
+    from ..tokenizer import tokenizer_info
+    from . import BUNDLED
+    from .bpe import save_tokenizer, train_tokenizer
+
+    texts = (json.loads(line)["text"] for line in open(work / "corpus" / "train.jsonl", encoding="utf-8"))
+    tok = train_tokenizer(texts, VOCAB_SIZE)
+    save_tokenizer(tok, work / "tokenizer")
+    made, bundled = tokenizer_info(work / "tokenizer").sha256, tokenizer_info(BUNDLED).sha256
+    if made == bundled:
+        print(f"tokenizer: the same as the bundled one (sha256 {made[:12]})", flush=True)
+    elif write:
+        save_tokenizer(tok, BUNDLED)
+        print(f"tokenizer: replaced the bundled one ({bundled[:12]} -> {made[:12]})", flush=True)
+    else:
+        raise SystemExit(f"the tokenizer trained here (sha256 {made[:12]}) differs from the bundled one ({bundled[:12]}): "
+                         "this install's corpus differs from the recipe's (see docs/model.md). Rerun with "
+                         "--write-tokenizer to replace it (databases built with the old one will be refused).")
+
+
+def step_database(work: Path) -> Path:
+    from ..embed import embed
+    from ..index import index
+    from ..ingest import IngestOptions, ingest
+    from ..neighbours import compute_neighbours
+
+    db = work / "db"
+    ingest(db, [str(work / "model-corpus" / "train.jsonl")], IngestOptions())
+    embed(db)
+    index(db)
+    compute_neighbours(db, k=BUNDLED_TRAIN.k)
+    print(f"database: {db}", flush=True)
+    return db
+
+
+def step_train(work: Path, db: Path, overrides: dict) -> Path:
+    from .train import train
+
+    run = work / "run"
+    report = train(db, run, BUNDLED_TRAIN, BUNDLED_MODEL, resume=(run / "LATEST").exists(), overrides=overrides,
+                   on_progress=lambda r: print(json.dumps(r), flush=True))
+    print(f"train: step {report.step}/{report.steps} ({report.stopped}), {report.tokens:,} tokens, "
+          f"val bpb {report.val_bpb} / {report.val_bpb_no_retrieval} without retrieval", flush=True)
+    return run
+
+
+def export(run: Path, dest: Path | None = None) -> Path:
+    """Copy the latest checkpoint of `run` (weights, config, tokenizer, training.json) to `dest` (the bundled dir)."""
+    from ..atomic import TMP_PREFIX
+    from . import BUNDLED
+    from .checkpoint import resolve_model_dir
+
+    dest = dest or BUNDLED
+    src = resolve_model_dir(run)
+    tmp = dest.parent / f"{TMP_PREFIX}bundled"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in src.iterdir():
+        if f.name != "train_state.pt":
+            shutil.copy2(f, tmp / f.name)
+    old = dest.parent / f"{TMP_PREFIX}bundled-old"
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    print(f"export: {src} -> {dest}", flush=True)
+    return dest
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["export"]:
+        export(Path(argv[1]))
+        return
+    ap = argparse.ArgumentParser(prog="python -m retrodb.model.recipe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("model-work"), help="working directory (corpus, database, run)")
+    ap.add_argument("--steps", type=int, help="train this many steps instead of the recipe's")
+    ap.add_argument("--max-minutes", type=float, help="stop training after this many minutes (rerun to resume)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--skip-train", action="store_true", help="build the corpus, tokenizer and database only")
+    ap.add_argument("--write-tokenizer", action="store_true", help="replace the bundled tokenizer if it differs")
+    ap.add_argument("--no-export", action="store_true", help="leave the bundled model as it is")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    step_corpus(args.work)
+    step_tokenizer(args.work, args.write_tokenizer)
+    db = step_database(args.work)
+    if args.skip_train:
+        return
+    overrides = {k: v for k, v in {"steps": args.steps, "max_minutes": args.max_minutes,
+                                   "device": args.device}.items() if v is not None}
+    run = step_train(args.work, db, overrides)
+    if not args.no_export:
+        export(run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

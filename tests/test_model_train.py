@@ -1,0 +1,168 @@
+"""`retrodb train`: schedule, metrics, checkpoints, kill -9 and --resume (fake data of the data contract)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from conftest import REPO  # noqa: E402
+from model_fakes import fake_datasets, one_torch_thread, tiny_run  # noqa: E402,F401 (fixture)
+
+from retrodb.database import Database  # noqa: E402
+from retrodb.errors import RetrodbError  # noqa: E402
+from retrodb.model.checkpoint import latest_checkpoint, read_model_dir  # noqa: E402
+from retrodb.model.train import TrainConfig, lr_at  # noqa: E402
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def empty_db(tmp_path):
+    """A database with the default (the bundled model's) tokenizer and chunks of 8 tokens; the data is fake."""
+    Database.create(tmp_path / "db", chunk_size=8)
+    return tmp_path / "db"
+
+
+
+def test_schedule_warms_up_then_decays_to_a_tenth():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(111)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[60] == pytest.approx(0.55e-3) and lrs[110] == pytest.approx(1e-4)
+
+
+def test_train_logs_loss_and_validation_bpb_with_and_without_retrieval(empty_db, tmp_path):
+    out = tmp_path / "run"
+    report = tiny_run(str(empty_db), str(out))
+    assert report.step == 6 and report.stopped == "done"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if "loss" in x]
+    evals = [x for x in lines if "val_bpb" in x]
+    assert [x["step"] for x in train_lines] == [1, 2, 3, 4, 5, 6]
+    assert [x["step"] for x in evals] == [3, 6]
+    assert all(x["val_bpb"] > 0 and x["val_bpb_no_retrieval"] > 0 and x["val_bytes"] > 0 for x in evals)
+    assert train_lines[-1]["tokens"] == report.tokens > 0
+    # checkpoints: the newest two steps, LATEST names the last, loading gives the trained weights
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-00000004", "step-00000006"]
+    assert latest_checkpoint(out).name == "step-00000006"
+    model = read_model_dir(out / "step-00000006")
+    assert model.num_parameters() == report.parameters
+    info = json.loads((out / "step-00000006" / "training.json").read_text())
+    assert info["step"] == 6 and info["tokens"] == report.tokens and info["seq_len"] == 32
+    with pytest.raises(RetrodbError, match="already holds a training run"):
+        tiny_run(str(empty_db), str(out))
+
+
+def test_kill_9_during_a_checkpoint_then_resume_matches_an_uninterrupted_run(empty_db, tmp_path):
+    whole = tmp_path / "whole"
+    tiny_run(str(empty_db), str(whole))
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO), RETRODB_KILL_AT="train:checkpoint-written#2")
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "model_fakes.py"), str(empty_db), str(killed)],
+                          env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    # killed while writing step 4: step 2 is the last complete checkpoint, step 4 only a temporary directory
+    assert (killed / "LATEST").read_text() == "step-00000002"
+    assert any(p.name.startswith(".tmp-") for p in killed.iterdir())
+    logged = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert max(logged) == 4  # logged past the checkpoint: the resumed run drops those lines
+    report = tiny_run(str(empty_db), str(killed), resume=True)
+    assert report.step == 6
+    assert not any(p.name.startswith(".tmp-") for p in killed.iterdir())
+    steps = [json.loads(x)["step"] for x in (killed / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    a = read_model_dir(whole / "step-00000006").state_dict()
+    b = read_model_dir(killed / "step-00000006").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run diverged from the uninterrupted one"
+
+
+def test_resume_can_extend_the_run(empty_db, tmp_path):
+    out = tmp_path / "run"
+    tiny_run(str(empty_db), str(out))
+    report = tiny_run(str(empty_db), str(out), resume=True, steps=8)
+    assert report.step == 8 and latest_checkpoint(out).name == "step-00000008"
+    with pytest.raises(RetrodbError, match="no checkpoint"):
+        tiny_run(str(empty_db), str(tmp_path / "nothing"), resume=True)
+
+
+def test_fake_items_follow_the_data_contract():
+    train, _ = fake_datasets()
+    item = train[len(train) - 1]
+    C, k, r = 32 // 8, 2, 16
+    assert item["input_ids"].shape == (32,) and item["input_ids"].dtype == torch.int64
+    assert item["targets"].shape == (32,) and (item["targets"] == -100).any()
+    assert item["neighbours"].shape == (C, k, r) and item["neighbour_mask"].dtype == torch.bool
+    assert item["chunk_ids"].shape == (C,) and item["neighbour_ids"].shape == (C, k)
+    assert not math.isnan(float(item["neighbours"].float().mean()))
+
+
+def test_cli_train_on_a_real_database_killed_then_resumed(tmp_path, cli):
+    """`retrodb train` on stored neighbours (retrodb.data), kill -9 mid-checkpoint, --resume, then eval with it."""
+    from conftest import run_retrodb
+    from edit_helpers import build_db
+
+    from retrodb.neighbours import compute_neighbours
+
+    db = build_db(tmp_path / "db", n_docs=16, segment_bytes=4000, index=True)
+    compute_neighbours(db, 2)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"model": {"dim": 32, "n_layers": 2, "n_heads": 2, "head_dim": 16, "enc_dim": 16,
+                                            "enc_heads": 1, "ffn_mult": 2},
+                                  "train": {"seq_len": 128, "batch_size": 2, "steps": 4, "warmup_steps": 1,
+                                            "eval_every": 2, "eval_sequences": 2, "checkpoint_every": 1,
+                                            "log_every": 1, "dtype": "fp32", "val_fraction": 0.2}}))
+    out = tmp_path / "run"
+    killed = run_retrodb("train", db, "--out", out, "--config", config, "--format", "json",
+                         env={"RETRODB_KILL_AT": "train:checkpoint-written#3"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert (out / "LATEST").read_text() == "step-00000002"
+    r = cli("train", db, "--out", out, "--resume", "--format", "json")
+    assert r.code == 0, r.err
+    done = r.json_lines()[-1]
+    assert done["done"] and done["step"] == 4 and done["val_bpb"] > 0 and done["val_bpb_no_retrieval"] > 0
+    (tmp_path / "t.txt").write_text("retrieval database chunk neighbour encoder attention " * 20)
+    r = cli("eval", db, tmp_path / "t.txt", "--model", out, "--format", "json")
+    assert r.code == 0, r.err
+    assert r.json_lines()[0]["bpb"] > 0
+
+
+def test_plant_copies_gives_chunks_their_own_continuation_as_first_neighbour():
+    from retrodb.model.train import plant_copies
+
+    m, B, L, k = 4, 2, 12, 2
+    ids = torch.arange(1, B * L + 1).reshape(B, L)
+    targets = torch.cat([ids[:, 1:], ids[:, -1:] + 100], dim=1)
+    targets[1, 6:] = -100  # the second sequence's document ends at its 7th token
+    old = torch.full((B, L // m, k, 2 * m), 7)
+    old_mask = torch.ones(B, L // m, k, 2 * m, dtype=torch.bool)
+    old[:, :, 1] = 9
+    batch = {"input_ids": ids, "targets": targets, "neighbours": old, "neighbour_mask": old_mask}
+    assert plant_copies(batch, m, 0.0, 0.25, 50, seed=1) is batch
+    out = plant_copies(batch, m, 1.0, 0.0, 50, seed=1)
+    seq0 = torch.cat([ids[0], targets[0, -1:]])
+    for u in range(L // m):  # the first neighbour is chunk u then chunk u+1 of the sequence itself
+        want = seq0[u * m: u * m + 2 * m]
+        assert out["neighbours"][0, u, 0, :len(want)].tolist() == want.tolist()
+        assert out["neighbour_mask"][0, u, 0].tolist() == [True] * len(want) + [False] * (2 * m - len(want))
+        assert (out["neighbours"][0, u, 1] == 7).all()  # the old first neighbour moved down a rank
+    # second sequence: 7 real tokens; chunk 0 is [1..4] + [5..7], chunk 1 has 3 real tokens, chunk 2 none
+    assert out["neighbour_mask"][1, 0, 0].sum() == 7 and out["neighbour_mask"][1, 1, 0].sum() == 3
+    assert (out["neighbours"][1, 2] == old[1, 2]).all()  # a padding chunk is left alone
+    # the choice is a function of the seed (resumed runs plant the same copies), and noise replaces tokens
+    a, b = plant_copies(batch, m, 0.5, 0.5, 50, seed=3), plant_copies(batch, m, 0.5, 0.5, 50, seed=3)
+    assert torch.equal(a["neighbours"], b["neighbours"])
+    noisy = [plant_copies(batch, m, 1.0, 1.0, 50, seed=s)["neighbours"][:, :, 0] for s in range(4)]
+    assert any(not torch.equal(n, out["neighbours"][:, :, 0]) for n in noisy)
+    assert torch.equal(batch["neighbours"], old)  # the input batch is not changed
