@@ -23,8 +23,9 @@ order, in this process, the median over --rounds of:
   winners' text, continuations and tokens read back; p50 and p99, and recall@10 against exact
   search (`exact=True`: every key of every segment).
 
-The machine is shared: figures are medians of rounds and ratios are computed between databases
-measured in the same run, one after another.
+The machine is shared: figures are medians of rounds, and the databases take turns within each round
+(add on 10^3, on 10^4, on 10^5, then the next round), so that a change of load affects every size
+alike; ratios are between databases measured in the same run.
 """
 
 from __future__ import annotations
@@ -110,72 +111,97 @@ def one_doc(path: Path, doc_id: str) -> Path:
     return path
 
 
-def measure(db: Path, rounds: int, n_segments: int, work: Path) -> dict:
-    rng = np.random.default_rng(n_segments)
-    first = sorted(rng.choice(np.arange(1, n_segments + 1), size=3 * rounds, replace=False).tolist())
-    out: dict = {"segments": n_segments}
-    # open + stats
-    retrodb.open(db).stats()
-    out["open_stats_ms"] = 1000 * statistics.median(timed(lambda: retrodb.open(db).stats()) for _ in range(31))
-    # add one small document
-    times, sizes = [], []
-    for i in range(rounds):
-        before = retrodb.open(db).snapshot
-        times.append(timed(add, db, [str(one_doc(work / f"add-{i}.jsonl", f"scale-add-{n_segments}-{i}"))],
-                           IngestOptions(workers=1)))
-        sizes.append(written(before, retrodb.open(db).snapshot))
-    out["add_ms"], out["add_bytes"] = 1000 * statistics.median(times), statistics.median(sizes)
-    # delete one document by id
-    times, sizes = [], []
-    for i in range(rounds):
-        before = retrodb.open(db).snapshot
-        times.append(timed(delete, db, doc_ids=[f"syn-{first[i]}-0"]))
-        sizes.append(written(before, retrodb.open(db).snapshot))
-    out["delete_ms"], out["delete_bytes"] = 1000 * statistics.median(times), statistics.median(sizes)
-    compact(db, 0.2, 0, merge_indexes=False)  # the segments the deletes made dirty: out of the way
-    # compact one small segment
-    times, sizes = [], []
-    for i in range(rounds):
-        delete(db, doc_ids=[f"syn-{first[rounds + i]}-1"])
-        before = retrodb.open(db).snapshot
-        report = compact(db, 0.2, 0, merge_indexes=False)
+class Subject:
+    """One database under measurement: its copy, scratch folder and the ids its edits use."""
+
+    def __init__(self, n_segments: int, db: Path, work: Path, rounds: int):
+        self.n, self.db, self.work = n_segments, db, work
+        rng = np.random.default_rng(n_segments)
+        self.first = sorted(rng.choice(np.arange(1, n_segments + 1), size=3 * rounds, replace=False).tolist())
+        self.out: dict = {"segments": n_segments}
+        self.samples: dict[str, list] = {}
+
+    def add_sample(self, key: str, value: float) -> None:
+        self.samples.setdefault(key, []).append(value)
+
+
+def measure(subjects: list[Subject], rounds: int) -> None:
+    """Each measurement round by round, the databases taking turns within a round (so that a change in the
+    machine's load affects every size alike), then medians into `subject.out`."""
+    def each_round(fn) -> None:
+        for i in range(rounds):
+            for s in subjects:
+                fn(s, i)
+
+    for s in subjects:
+        retrodb.open(s.db).stats()  # warm: the imports
+    for _ in range(31):  # open + stats
+        for s in subjects:
+            s.add_sample("open_stats_ms", 1000 * timed(lambda: retrodb.open(s.db).stats()))
+
+    def add_one(s: Subject, i: int) -> None:  # one small document
+        before = retrodb.open(s.db).snapshot
+        s.add_sample("add_ms", 1000 * timed(add, s.db, [str(one_doc(s.work / f"add-{i}.jsonl",
+                                                                      f"scale-add-{s.n}-{i}"))],
+                                             IngestOptions(workers=1)))
+        s.add_sample("add_bytes", written(before, retrodb.open(s.db).snapshot))
+    each_round(add_one)
+
+    def delete_one(s: Subject, i: int) -> None:  # one document by id
+        before = retrodb.open(s.db).snapshot
+        s.add_sample("delete_ms", 1000 * timed(delete, s.db, doc_ids=[f"syn-{s.first[i]}-0"]))
+        s.add_sample("delete_bytes", written(before, retrodb.open(s.db).snapshot))
+    each_round(delete_one)
+    for s in subjects:
+        compact(s.db, 0.2, 0, merge_indexes=False)  # the segments the deletes made dirty: out of the way
+
+    def compact_one(s: Subject, i: int) -> None:  # one small segment, made dirty just before (untimed)
+        delete(s.db, doc_ids=[f"syn-{s.first[rounds + i]}-1"])
+        before = retrodb.open(s.db).snapshot
+        report = compact(s.db, 0.2, 0, merge_indexes=False)
         assert len(report.groups) == 1, report.groups
-        times.append(report.seconds)
-        sizes.append(written(before, retrodb.open(db).snapshot))
-    out["compact_ms"], out["compact_bytes"] = 1000 * statistics.median(times), statistics.median(sizes)
-    # writer start after a crash
-    times = []
+        s.add_sample("compact_ms", 1000 * report.seconds)
+        s.add_sample("compact_bytes", written(before, retrodb.open(s.db).snapshot))
+    each_round(compact_one)
+
     env = dict(os.environ, PYTHONPATH=str(ROOT), RETRODB_KILL_AT="add.indexed")
-    for i in range(rounds):
-        src = one_doc(work / f"crash-{i}.jsonl", f"scale-crash-{n_segments}-{i}")
-        proc = subprocess.run([sys.executable, "-m", "retrodb.cli", "add", str(db), str(src)], env=env, cwd=ROOT,
+
+    def crash_then_start(s: Subject, i: int) -> None:  # an add killed before its commit, then a writer starts
+        src = one_doc(s.work / f"crash-{i}.jsonl", f"scale-crash-{s.n}-{i}")
+        proc = subprocess.run([sys.executable, "-m", "retrodb.cli", "add", str(s.db), str(src)], env=env, cwd=ROOT,
                               capture_output=True)
         assert proc.returncode == -9, proc.stderr
-        handle = retrodb.open(db)
+        handle = retrodb.open(s.db)
         t = time.perf_counter()
         with handle.writer("bench"):
-            times.append(time.perf_counter() - t)
-    out["writer_start_ms"] = 1000 * statistics.median(times)
-    # query
-    index(db, merge=True)
-    handle = retrodb.open(db)
-    units = handle.snapshot.index_units
-    out["index_units"] = len(units)
-    out["shards"] = sorted(int(u["vectors"]) for u in units if u["kind"] == "shard")
+            s.add_sample("writer_start_ms", 1000 * (time.perf_counter() - t))
+    each_round(crash_then_start)
+
     q = synthetic.query_vectors(400, DIM)
-    for v in q[:20]:  # warm: indexes loaded, the winners' groups read once
-        handle.query(vectors=v[None], k=K, ef=EF)
-    lat = []
+    handles = {}
+    for s in subjects:  # query: after the edits and a merge of full tiers
+        index(s.db, merge=True)
+        handles[s.n] = handle = retrodb.open(s.db)
+        units = handle.snapshot.index_units
+        s.out["index_units"] = len(units)
+        s.out["shards"] = sorted(int(u["vectors"]) for u in units if u["kind"] == "shard")
+        for v in q[:20]:  # warm: indexes loaded, the winners' groups read once
+            handle.query(vectors=v[None], k=K, ef=EF)
     for v in q[20:]:
-        t = time.perf_counter()
-        handle.query(vectors=v[None], k=K, ef=EF)
-        lat.append(time.perf_counter() - t)
-    out["query_p50_ms"] = 1000 * float(np.percentile(lat, 50))
-    out["query_p99_ms"] = 1000 * float(np.percentile(lat, 99))
-    got = [[n.chunk_id for n in r.neighbours] for r in handle.query(vectors=q[:100], k=K, ef=EF)]
-    want = [[n.chunk_id for n in r.neighbours] for r in handle.query(vectors=q[:100], k=K, exact=True)]
-    out["recall10"] = sum(len(set(a) & set(b)) for a, b in zip(got, want)) / max(1, sum(len(b) for b in want))
-    return out
+        for s in subjects:
+            t = time.perf_counter()
+            handles[s.n].query(vectors=v[None], k=K, ef=EF)
+            s.add_sample("query_ms", time.perf_counter() - t)
+    for s in subjects:
+        handle = handles[s.n]
+        got = [[n.chunk_id for n in r.neighbours] for r in handle.query(vectors=q[:100], k=K, ef=EF)]
+        want = [[n.chunk_id for n in r.neighbours] for r in handle.query(vectors=q[:100], k=K, exact=True)]
+        s.out["recall10"] = sum(len(set(a) & set(b)) for a, b in zip(got, want)) / max(1, sum(len(b) for b in want))
+        lat = s.samples.pop("query_ms")
+        s.out["query_p50_ms"] = 1000 * float(np.percentile(lat, 50))
+        s.out["query_p99_ms"] = 1000 * float(np.percentile(lat, 99))
+        for key, values in s.samples.items():
+            s.out[key] = statistics.median(values)
 
 
 ROWS = [("open + stats", "open_stats_ms", "ms", 2.0), ("add one small document", "add_ms", "ms", 1.5),
@@ -210,7 +236,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--keep", action="store_true", help="keep the databases (default: the edited ones are removed)")
     a = p.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
-    results = []
+    subjects = []
     for n in a.sizes:
         db, info = build(n, a.fresh)
         print(f"{n:,} segments: built in {info.get('write_s', 0):.0f} s, indexed in {info.get('index_s', 0):.0f} s",
@@ -221,11 +247,14 @@ def main(argv: list[str]) -> int:
         scratch = OUT / f"scale-{n}-edited"
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.copytree(db, scratch)  # the edits go to a copy: the built database is reused by the next run
-        results.append(measure(scratch, a.rounds, n, work))
-        print(json.dumps(results[-1]), flush=True)
+        subjects.append(Subject(n, scratch, work, a.rounds))
+    measure(subjects, a.rounds)
+    results = [s.out for s in subjects]
+    for s in subjects:
+        print(json.dumps(s.out), flush=True)
         if not a.keep:
-            shutil.rmtree(scratch, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(s.db, ignore_errors=True)
+        shutil.rmtree(s.work, ignore_errors=True)
     print()
     print(table(results))
     return 0

@@ -386,7 +386,10 @@ def referenced(snapshot: Snapshot, rel: str) -> bool:
     parts = rel.split("/")
     try:
         if parts[0] == snap.SEGMENTS and len(parts) >= 2:
-            seg = snapshot.segment(snap.segment_number(parts[1]))
+            number = snap.segment_number(parts[1])
+            if number >= snapshot.next_segment:  # numbered after the snapshot: not in it (no group read)
+                return False
+            seg = snapshot.segment(number)
             if seg is None or len(parts) == 2:
                 return seg is not None
             return any(r["path"] == rel for r in seg.files.values())
