@@ -373,7 +373,11 @@ class Writer:
             elif path.exists():
                 path.unlink()
                 removed.append(rel)
-            removed.extend(_remove_temporaries(path.parent, path.name))
+            parts = rel.split("/")
+            if not (len(parts) == 2 and parts[0] in (snap.SEGMENTS, "indexes")):
+                # (a segment or shard directory is made in place, never renamed from a temporary one: its
+                # parent, which lists every segment, is not searched)
+                removed.extend(_remove_temporaries(path.parent, path.name))
         return removed
 
     def write_json(self, path: Path, obj) -> None:

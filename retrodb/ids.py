@@ -153,6 +153,11 @@ _FOOTER_CACHE = 256
 _LOCK = threading.Lock()
 
 
+def clear_footers() -> None:
+    with _LOCK:
+        _FOOTERS.clear()
+
+
 def _footer(root: Path, run: dict):
     import pyarrow.parquet as pq
 

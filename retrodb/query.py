@@ -188,11 +188,16 @@ class _Reader:
         return _in(ids, self.tomb_lo, self.tomb_hi)
 
     # -- keys and ids
-    def keys(self) -> np.ndarray:
+    def keys(self, keep: bool = True) -> np.ndarray:
+        """The segment's keys (a memmap); `keep=False`: not kept open for later calls (an exact search over
+        every segment would otherwise hold one open file per segment)."""
         key = ("keys", self.files["keys"]["path"])
-        if key not in self.cache:
-            self.cache[key] = open_keys(self.root, self.files)
-        return self.cache[key]
+        if key in self.cache:
+            return self.cache[key]
+        keys = open_keys(self.root, self.files)
+        if keep:
+            self.cache[key] = keys
+        return keys
 
     @_reads("chunk_path")
     def chunk_ids(self) -> np.ndarray:
@@ -774,7 +779,7 @@ class Searcher:
         return labels, scores
 
     def _exact(self, seg: _Reader, q: np.ndarray, m: int):
-        keys = seg.keys()
+        keys = seg.keys(keep=False)
         ids = seg.chunk_ids()
         dead = seg.deleted(ids)
         cosine = self._default_space() == "cosine"

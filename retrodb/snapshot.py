@@ -274,6 +274,16 @@ def load_group(root: Path, ref: GroupRef) -> dict[int, Segment]:
     return segments
 
 
+def clear_caches() -> None:
+    """Forget the parsed group manifests, group lists and id-run footers of this process (benchmarks: a
+    command timed as a fresh process would run it)."""
+    from . import ids
+
+    with _CACHE_LOCK:
+        _GROUP_CACHE.clear()
+    ids.clear_footers()
+
+
 def _read_checked(root: Path, rec: dict, what: str) -> bytes:
     path = Path(root) / rec["path"]
     try:
