@@ -97,6 +97,21 @@ def test_resume_can_extend_the_run(empty_db, tmp_path):
         tiny_run(str(empty_db), str(tmp_path / "nothing"), resume=True)
 
 
+def test_stop_at_keeps_the_schedule_and_resume_finishes_it_as_one_run_would(empty_db, tmp_path):
+    whole = tmp_path / "whole"
+    tiny_run(str(empty_db), str(whole))
+    out = tmp_path / "stopped"
+    report = tiny_run(str(empty_db), str(out), stop_at=3)
+    assert report.step == 3 and report.stopped == "stop_at" and latest_checkpoint(out).name == "step-00000003"
+    lrs = [json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
+    assert lrs == [lr_at(i, TrainConfig(steps=6, lr=3e-3, warmup_steps=2)) for i in range(3)]  # the 6-step schedule
+    report = tiny_run(str(empty_db), str(out), resume=True, stop_at=None)
+    assert report.step == 6 and report.stopped == "done"
+    a = read_model_dir(whole / "step-00000006").state_dict()
+    b = read_model_dir(out / "step-00000006").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "stopping and resuming changed the run"
+
+
 def test_fake_items_follow_the_data_contract():
     train, _ = fake_datasets()
     item = train[len(train) - 1]

@@ -6,7 +6,8 @@ Steps, each resumable (a rerun skips what is done):
   2. tokenizer  train the byte-level BPE on the training documents; it must equal the bundled
                 tokenizer.json (new databases use that one), or `--write-tokenizer` replaces it
   3. database   ingest, embed (frozen MiniLM keys), index, neighbours (k=2, other documents only)
-  4. train      `retrodb train` with BUNDLED_MODEL and BUNDLED_TRAIN (resumes an interrupted run)
+  4. train      `retrodb train` with BUNDLED_MODEL, stage by stage (BUNDLED_STAGES: the paper's data,
+                then near-duplicate neighbours); a rerun skips finished stages and resumes the last
   5. export     copy the last checkpoint into retrodb/model/bundled (weights, config, tokenizer,
                 training.json)
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import RetroConfig
@@ -28,11 +30,45 @@ from .train import TrainConfig
 # 7.8M parameters (31 MB in fp32): what a few hours of a shared 2-core CPU can train.
 BUNDLED_MODEL = RetroConfig(vocab_size=8192, chunk_size=64, dim=256, n_layers=6, n_heads=4, head_dim=64, ffn_mult=4,
                             cca_layers=None, enc_dim=128, enc_layers=2, enc_heads=2)
-# What one session of a shared 2-core CPU could train (about an hour, niced): 700 steps of 8 x 512 tokens.
-# Continue it with: retrodb train model-work/db --out model-work/run --resume --steps N (docs/model.md).
+# Stage 1, what one session of a shared 2-core CPU could train (about an hour, niced): 700 steps of 8 x 512 tokens,
+# the paper's data (neighbours from other documents only). It learned language, not to read its neighbours.
 BUNDLED_TRAIN = TrainConfig(seq_len=512, k=2, batch_size=8, steps=700, lr=2e-3, min_lr_ratio=0.1,
                             warmup_steps=30, weight_decay=0.1, grad_clip=1.0, eval_every=120, eval_sequences=32,
                             checkpoint_every=20, log_every=5, seed=0, val_fraction=0.02)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage of the bundled model: run `name` in the work directory, started from the last
+    checkpoint of run `init` (new optimizer state), or continued (`resume`) with `overrides`."""
+
+    name: str
+    cfg: TrainConfig | None = None
+    init: str | None = None
+    resume: bool = False
+    overrides: tuple = ()
+
+    def target(self) -> int:
+        o = dict(self.overrides)
+        return o.get("stop_at") or o.get("steps") or self.cfg.stop_at or self.cfg.steps
+
+
+def _copy_stage(steps: int, lr: float, warmup: int, seed: int, prob: float, noise: float, **kw) -> TrainConfig:
+    return replace(BUNDLED_TRAIN, steps=steps, lr=lr, warmup_steps=warmup, seed=seed, copy_prob=prob,
+                   copy_noise=noise, eval_every=250, checkpoint_every=25, **kw)
+
+
+# Stages 2-4 teach it to read its neighbours: near-duplicates of a chunk's own [N, F] planted as first
+# neighbour (TrainConfig.copy_prob / copy_noise, `plant_copies`), a growing share with less noise. As run
+# (2026-11-27/28, shared 2-core CPU): stage 2 began with a 2,400-step schedule and, at step 325, was
+# resumed with a 1,000-step one, and stopped at step 825.
+BUNDLED_STAGES = (
+    Stage("run", BUNDLED_TRAIN),
+    Stage("copy-1", _copy_stage(2400, 1e-3, 50, 1, 0.25, 0.25, stop_at=325), init="run"),
+    Stage("copy-1", resume=True, overrides=(("steps", 1000), ("stop_at", 825))),
+    Stage("copy-2", _copy_stage(500, 6e-4, 20, 2, 0.6, 0.2), init="copy-1"),
+    Stage("copy-3", _copy_stage(700, 5e-4, 20, 3, 0.8, 0.1), init="copy-2"),
+)
 VOCAB_SIZE = 8192
 
 
@@ -84,14 +120,34 @@ def step_database(work: Path) -> Path:
     return db
 
 
-def step_train(work: Path, db: Path, overrides: dict) -> Path:
-    from .train import train
+def _step_of(run: Path) -> int:
+    latest = run / "LATEST"
+    return int(latest.read_text().strip().rsplit("-", 1)[-1]) if latest.exists() else 0
 
-    run = work / "run"
-    report = train(db, run, BUNDLED_TRAIN, BUNDLED_MODEL, resume=(run / "LATEST").exists(), overrides=overrides,
-                   on_progress=lambda r: print(json.dumps(r), flush=True))
-    print(f"train: step {report.step}/{report.steps} ({report.stopped}), {report.tokens:,} tokens, "
-          f"val bpb {report.val_bpb} / {report.val_bpb_no_retrieval} without retrieval", flush=True)
+
+def step_train(work: Path, db: Path, overrides: dict) -> Path:
+    """Every stage of BUNDLED_STAGES in turn; a stage whose run has reached its step is skipped, an interrupted
+    one resumed. `overrides` (device, max_minutes) apply to each."""
+    from .train import latest_checkpoint, train
+
+    run = work / BUNDLED_STAGES[0].name
+    for stage in BUNDLED_STAGES:
+        run = work / stage.name
+        if _step_of(run) >= stage.target():
+            continue
+        started = (run / "LATEST").exists()
+        extra = {**dict(stage.overrides), **overrides}
+        if started:  # this stage interrupted, or a continued stage
+            report = train(db, run, resume=True, overrides=extra if stage.resume else overrides,
+                           on_progress=lambda r: print(json.dumps(r), flush=True))
+        else:
+            init = latest_checkpoint(work / stage.init) if stage.init else None
+            report = train(db, run, stage.cfg, BUNDLED_MODEL, init=init, overrides=overrides,
+                           on_progress=lambda r: print(json.dumps(r), flush=True))
+        print(f"train {stage.name}: step {report.step}/{report.steps} ({report.stopped}), {report.tokens:,} tokens, "
+              f"val bpb {report.val_bpb} / {report.val_bpb_no_retrieval} without retrieval", flush=True)
+        if report.stopped == "time limit":
+            break
     return run
 
 

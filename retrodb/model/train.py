@@ -56,6 +56,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest step directories kept
     workers: int = 0  # data-loading processes (0: in the training process)
     max_minutes: float | None = None  # stop with a checkpoint after this much wall time (this run)
+    stop_at: int | None = None  # stop with a checkpoint at this step (the schedule still ends at `steps`)
     # Near-duplicate neighbours (see `plant_copies`): the share of training chunks whose first neighbour is
     # a copy of their own [N, F], and the most of that copy's tokens replaced by random ones. 0: the paper's
     # data exactly (other documents only).
@@ -81,7 +82,7 @@ class TrainReport:
     dtype: str
     parameters: int
     checkpoint: str
-    stopped: str  # "done" | "time limit"
+    stopped: str  # "done" | "time limit" | "stop_at"
     evaluations: list[dict] = field(default_factory=list)
 
 
@@ -342,7 +343,7 @@ def train(db_path: str | Path, out: str | Path, cfg: TrainConfig | None = None, 
     ckpt_path = None
     batch = first
     try:
-        while step < cfg.steps:
+        while step < cfg.steps and (cfg.stop_at is None or step < cfg.stop_at):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             planted = plant_copies(batch, model.cfg.chunk_size, cfg.copy_prob, cfg.copy_noise, model.cfg.vocab_size,
@@ -368,16 +369,17 @@ def train(db_path: str | Path, out: str | Path, cfg: TrainConfig | None = None, 
                 window_started, window_tokens = now, 0
             last = step == cfg.steps
             out_of_time = cfg.max_minutes is not None and time.perf_counter() - run_started > 60 * cfg.max_minutes
-            if val_items and (last or out_of_time or (cfg.eval_every and step % cfg.eval_every == 0)):
+            at_stop = cfg.stop_at is not None and step >= cfg.stop_at
+            if val_items and (last or out_of_time or at_stop or (cfg.eval_every and step % cfg.eval_every == 0)):
                 result = {"step": step, "tokens": tokens, **validate(model, val_items, token_bytes, cfg, device, dtype)}
                 evaluations.append(result)
                 log(result)
                 if on_progress:
                     on_progress({**result, "steps": cfg.steps})
-            if last or out_of_time or step % cfg.checkpoint_every == 0:
+            if last or out_of_time or at_stop or step % cfg.checkpoint_every == 0:
                 ckpt_path = checkpoint()
-            if out_of_time and not last:
-                stopped = "time limit"
+            if (out_of_time or at_stop) and not last:
+                stopped = "time limit" if out_of_time else "stop_at"
                 break
             if not last:
                 batch = next(batches)
