@@ -13,8 +13,9 @@ process is the client (urllib, one connection per request, like curl):
 - load: N client threads for S seconds: requests, errors, latency percentiles.
 
 Databases: the demo corpus (Python's documentation topics, embedded with the bundled MiniLM), and
-1M synthetic chunks in 8 segments (bench/synthetic.py; hash keys, so text queries embed in microseconds
-and the figure is the search and the read-back). Both are kept under bench/out/.
+1M synthetic chunks in 4 segments (bench/synthetic.py, the database bench_query.py builds; hash keys,
+so text queries embed in microseconds and the figure is the search and the read-back). Both are
+kept under bench/out/.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def demo_db() -> Path:
     return path
 
 
-def synthetic_db(chunks: int = 1_000_000, segments: int = 8) -> Path:
+def synthetic_db(chunks: int = 1_000_000, segments: int = 4) -> Path:
+    """bench_query.py's 1M-chunk database (4 segments of 250k), reused when it is built."""
     from bench_query import synthetic_db as build
 
     path, _ = build(chunks, segments)

@@ -3,6 +3,10 @@
 Needs matplotlib, which retrodb does not depend on: .venv/bin/python -m pip install matplotlib
 
     python bench/plot_training.py model-work/run/metrics.jsonl docs/model-training.png
+    python bench/plot_training.py model-work/run/metrics.jsonl,model-work/copy-1/metrics.jsonl,... docs/model-training.png
+
+Several runs (comma-separated, in order: the recipe's stages) are drawn one after another, each
+stage's tokens counted on from the previous stage's last, with a dotted line where a stage begins.
 """
 
 from __future__ import annotations
@@ -17,10 +21,22 @@ def main(metrics: str, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(metrics, encoding="utf-8") if line.strip()]
+    rows, starts, offset = [], [], 0
+    for path in metrics.split(","):
+        stage = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+        stage = [r for r in stage if "tokens" in r]
+        if not stage:
+            continue
+        if rows and stage[0]["tokens"] < rows[-1]["tokens"] - offset:  # a new run (its own count), not a resume
+            offset = rows[-1]["tokens"]
+        starts.append(stage[0]["tokens"] + offset)
+        rows += [{**r, "tokens": r["tokens"] + offset} for r in stage]
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "val_bpb" in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax in (a, b):
+        for x in starts[1:]:
+            ax.axvline(x / 1e6, color="grey", lw=0.8, ls=":")
     a.plot([r["tokens"] / 1e6 for r in train], [r["loss"] for r in train], lw=1)
     a.set(xlabel="tokens trained on (millions)", ylabel="training loss (nats per token)", title="training loss")
     a.grid(alpha=0.3)
