@@ -53,22 +53,27 @@ class Stage:
         return o.get("stop_at") or o.get("steps") or self.cfg.stop_at or self.cfg.steps
 
 
-def _copy_stage(steps: int, lr: float, warmup: int, seed: int, prob: float, noise: float, **kw) -> TrainConfig:
+def _copy_stage(steps: int, lr: float, warmup: int, seed: int, prob: float, noise: float, evals: int,
+                **kw) -> TrainConfig:
     return replace(BUNDLED_TRAIN, steps=steps, lr=lr, warmup_steps=warmup, seed=seed, copy_prob=prob,
-                   copy_noise=noise, eval_every=250, checkpoint_every=25, **kw)
+                   copy_noise=noise, eval_every=evals, checkpoint_every=25, **kw)
 
 
-# Stages 2-4 teach it to read its neighbours: near-duplicates of a chunk's own [N, F] planted as first
-# neighbour (TrainConfig.copy_prob / copy_noise, `plant_copies`), a growing share with less noise. As run
-# (2026-11-27/28, shared 2-core CPU): stage 2 began with a 2,400-step schedule and, at step 325, was
-# resumed with a 1,000-step one, and stopped at step 825.
+# Stages 2-6 teach it to read its neighbours: near-duplicates of a chunk's own [N, F] planted as first
+# neighbour (TrainConfig.copy_prob / copy_noise, `plant_copies`). As run (2026-11-27/28, shared 2-core CPU):
+# stage 2 began with a 2,400-step schedule and, at step 325, was resumed with a 1,000-step one and stopped
+# at step 825; stage 4 (80% copies) taught copying but made unrelated neighbours cost 9% on validation,
+# so stages 5 and 6 plant fewer, closer copies.
 BUNDLED_STAGES = (
     Stage("run", BUNDLED_TRAIN),
-    Stage("copy-1", _copy_stage(2400, 1e-3, 50, 1, 0.25, 0.25, stop_at=325), init="run"),
+    Stage("copy-1", _copy_stage(2400, 1e-3, 50, 1, 0.25, 0.25, 200, stop_at=325), init="run"),
     Stage("copy-1", resume=True, overrides=(("steps", 1000), ("stop_at", 825))),
-    Stage("copy-2", _copy_stage(500, 6e-4, 20, 2, 0.6, 0.2), init="copy-1"),
-    Stage("copy-3", _copy_stage(700, 5e-4, 20, 3, 0.8, 0.1), init="copy-2"),
+    Stage("copy-2", _copy_stage(500, 6e-4, 20, 2, 0.6, 0.2, 250), init="copy-1"),
+    Stage("copy-3", _copy_stage(700, 5e-4, 20, 3, 0.8, 0.1, 350), init="copy-2"),
+    Stage("copy-4", _copy_stage(200, 3e-4, 10, 4, 0.4, 0.15, 100), init="copy-3"),
+    Stage("copy-5", _copy_stage(900, 4e-4, 20, 5, 0.5, 0.05, 300), init="copy-4"),
 )
+
 VOCAB_SIZE = 8192
 
 
