@@ -113,11 +113,11 @@ def time_edits(root: Path, work: Path, vocab: list[str], words: int, repeats: in
         t, report = timed(delete, root, doc_ids=[f"d{r.randrange(n_docs - repeats):07d}"])
         assert report.documents == 1
         out["delete"].append(t)
-    full = [n for n, s in sorted(retrodb.open(root).snapshot.segments.items()) if s["chunks"] >= segment_chunks * 0.8]
-    for name in full[:repeats]:  # a different full-size segment each time
-        delete(root, where=f"segment = '{name}' AND hash(doc_id) % 4 = 0")  # setup, not timed
+    full = [s for _, s in sorted(retrodb.open(root).snapshot.segments.items()) if s.chunks >= segment_chunks * 0.8]
+    for seg in full[:repeats]:  # a different full-size segment each time
+        delete(root, where=f"segment = '{seg.name}' AND hash(doc_id) % 4 = 0")  # setup, not timed
         t, report = timed(compact, root, 0.2, 0, workers=1)
-        assert len(report.groups) == 1 and report.groups[0].sources == [name]
+        assert len(report.groups) == 1 and report.groups[0].sources == [seg.number]
         out["compact"].append(t)
         out["compact_chunks"].append(report.chunks_rewritten)
     return out

@@ -60,7 +60,8 @@ def build_db(directory: Path, copies: int = 1, segments: int = 8) -> Path:
     return db
 
 
-def segments_of(db_path: Path) -> list[tuple[str, dict]]:
+def segments_of(db_path: Path) -> list:
+    """(number, Segment) of every segment, in order."""
     return sorted(retrodb.open(db_path).snapshot.segments.items())
 
 
@@ -107,8 +108,8 @@ def time_stage(emb: BertEmbedder, db_path: Path, work: Path, units: list | None 
 
     units = units or segments_of(db_path)
     name = keys_file_name(emb.identity())
-    for seg_name, _ in units:
-        (db_path / "segments" / seg_name / name).unlink(missing_ok=True)
+    for _, seg in units:
+        (db_path / "segments" / seg.name / name).unlink(missing_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     stage = EmbedStage(db_path, emb, work)
     sync(emb)
@@ -142,7 +143,7 @@ def measure(emb: BertEmbedder, db_path: Path, work: Path, rounds: int, sweep: li
     of the per-segment ratios over all rounds.
     """
     units = segments_of(db_path)
-    texts = {name: chunk_texts(db_path, seg) for name, seg in units}
+    texts = {name: chunk_texts(db_path, seg.to_json()) for name, seg in units}
     n = sum(map(len, texts.values()))
     default_batch = emb.batch_size
     sweep = sorted(set(sweep) | {default_batch})
@@ -184,7 +185,7 @@ def measure_stream(emb: BertEmbedder, db_path: Path, work: Path, rounds: int, sw
     at the SAME batch size (retrodb's default), alternating stage and bare `rounds` times (ratio: median of the
     per-round ratios); a sweep of both over `sweep`; and the bare forward at its best batch, for reference."""
     units = segments_of(db_path)
-    texts = {name: chunk_texts(db_path, seg) for name, seg in units}
+    texts = {name: chunk_texts(db_path, seg.to_json()) for name, seg in units}
     n = sum(map(len, texts.values()))
     batch = emb.batch_size
     time_bare(emb, bare_inputs(emb, next(iter(texts.values())), batch))  # warm-up

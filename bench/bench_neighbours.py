@@ -86,10 +86,10 @@ def bare_hnswlib(db: Path, k: int, ef: int, threads: int) -> float:
     indexes, keys = [], []
     for seg in snap.segments.values():
         idx = hnswlib.Index(space="cosine", dim=dim)
-        idx.load_index(str(db / seg["files"]["index"]["path"]))
+        idx.load_index(str(db / seg.files["index"]["path"]))
         idx.set_ef(ef)
         indexes.append(idx)
-        keys.append(np.asarray(open_keys(db, seg), dtype=np.float32))
+        keys.append(np.asarray(open_keys(db, seg.files), dtype=np.float32))
     t = time.perf_counter()
     for q in keys:
         for start in range(0, len(q), 4096):
@@ -130,10 +130,10 @@ def exact_recall(db: Path, sample: int = 2000, seed: int = 0) -> dict:
     handle = retrodb.open(db)
     ids, docs, keys = [], [], []
     for name, seg in sorted(handle.snapshot.segments.items()):
-        t = pq.read_table(db / seg["files"]["chunks"]["path"], columns=["chunk_id", "doc_id"])
+        t = pq.read_table(db / seg.files["chunks"]["path"], columns=["chunk_id", "doc_id"])
         ids.append(t["chunk_id"].to_numpy())
         docs.append(np.asarray(t["doc_id"].to_pylist(), dtype=object))
-        keys.append(np.load(db / seg["files"]["keys"]["path"]).astype(np.float32))
+        keys.append(np.load(db / seg.files["keys"]["path"]).astype(np.float32))
     ids, docs, keys = np.concatenate(ids), np.concatenate(docs), np.concatenate(keys)
     keys /= np.linalg.norm(keys, axis=1, keepdims=True)
     row_of = {int(c): i for i, c in enumerate(ids)}
