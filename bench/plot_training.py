@@ -21,14 +21,13 @@ def main(metrics: str, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, starts, offset = [], [], 0
+    rows, starts = [], []
     for path in metrics.split(","):
         stage = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
         stage = [r for r in stage if "tokens" in r]
         if not stage:
             continue
-        if rows and stage[0]["tokens"] < rows[-1]["tokens"] - offset:  # a new run (its own count), not a resume
-            offset = rows[-1]["tokens"]
+        offset = rows[-1]["tokens"] if rows else 0  # each stage is a run of its own, counting from 0
         starts.append(stage[0]["tokens"] + offset)
         rows += [{**r, "tokens": r["tokens"] + offset} for r in stage]
     train = [r for r in rows if "loss" in r]

@@ -54,6 +54,19 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one), for reports and benchmarks."""
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main_reruns_caller() -> str | None:
     """The main script's path if a spawned worker would re-run the code that is calling us now (top-level code
     of the script, outside `if __name__ == "__main__":`), else None."""

@@ -17,8 +17,6 @@ upgrades it; until then a lookup reads every segment's doc_id column (the old wa
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,25 +146,19 @@ def _merge_runs(root: Path, edit, runs: list[dict]):
 
 # ---------------------------------------------------------------- lookup
 
-_FOOTERS: "OrderedDict[tuple, tuple]" = OrderedDict()  # (path, sha256) -> (metadata, row-group min, max)
-_FOOTER_CACHE = 256
-_LOCK = threading.Lock()
-
-
-def clear_footers() -> None:
-    with _LOCK:
-        _FOOTERS.clear()
-
-
 def _footer(root: Path, run: dict):
+    """(metadata, row-group doc_id minimums, maximums) of an id run (cached per process with the group
+    manifests: a run never changes once written)."""
+    from .snapshot import cached
+
+    return cached(("footer", str(Path(root).resolve() / run["path"]), run["sha256"]),
+                  lambda: _read_footer(Path(root) / run["path"]))
+
+
+def _read_footer(path: Path):
     import pyarrow.parquet as pq
 
-    key = (str(Path(root).resolve() / run["path"]), run["sha256"])
-    with _LOCK:
-        if key in _FOOTERS:
-            _FOOTERS.move_to_end(key)
-            return _FOOTERS[key]
-    md = pq.read_metadata(Path(root) / run["path"])
+    md = pq.read_metadata(path)
     lo, hi = [], []
     for i in range(md.num_row_groups):
         st = md.row_group(i).column(0).statistics
@@ -176,12 +168,7 @@ def _footer(root: Path, run: dict):
         else:  # no statistics: the row group may hold anything
             lo.append(None)
             hi.append(None)
-    value = (md, lo, hi)
-    with _LOCK:
-        _FOOTERS[key] = value
-        while len(_FOOTERS) > _FOOTER_CACHE:
-            _FOOTERS.popitem(last=False)
-    return value
+    return md, lo, hi
 
 
 def _utf8(s: str) -> bytes:

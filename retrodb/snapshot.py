@@ -252,36 +252,38 @@ class GroupRef:
         return cls(int(d["lo"]), d["path"], int(d["bytes"]), d["sha256"], d["summary"])
 
 
-_GROUP_CACHE: "OrderedDict[tuple, dict[int, Segment]]" = OrderedDict()  # parsed group files (immutable), per process
+_GROUP_CACHE: "OrderedDict[tuple, object]" = OrderedDict()  # parsed immutable metadata files, per process
 _GROUP_CACHE_SIZE = 512
 _CACHE_LOCK = threading.Lock()
 
 
-def load_group(root: Path, ref: GroupRef) -> dict[int, Segment]:
-    """The segments of a group manifest, by number (cached per process: group files never change)."""
-    key = (str(Path(root).resolve()), ref.path, ref.sha256)
+def cached(key: tuple, load: Callable[[], object]):
+    """`load()`, kept per process under `key` (what is cached here comes from files that never change once
+    written: group manifests, group lists, id-run footers)."""
     with _CACHE_LOCK:
         hit = _GROUP_CACHE.get(key)
         if hit is not None:
             _GROUP_CACHE.move_to_end(key)
             return hit
-    raw = _read_checked(root, {"path": ref.path, "bytes": ref.bytes}, "group manifest")
-    segments = parse_group(raw, ref.path, root)
+    value = load()
     with _CACHE_LOCK:
-        _GROUP_CACHE[key] = segments
+        _GROUP_CACHE[key] = value
         while len(_GROUP_CACHE) > _GROUP_CACHE_SIZE:
             _GROUP_CACHE.popitem(last=False)
-    return segments
+    return value
+
+
+def load_group(root: Path, ref: GroupRef) -> dict[int, Segment]:
+    """The segments of a group manifest, by number (cached per process: group files never change)."""
+    return cached((str(Path(root).resolve()), ref.path, ref.sha256), lambda: parse_group(
+        _read_checked(root, {"path": ref.path, "bytes": ref.bytes}, "group manifest"), ref.path, root))
 
 
 def clear_caches() -> None:
     """Forget the parsed group manifests, group lists and id-run footers of this process (benchmarks: a
     command timed as a fresh process would run it)."""
-    from . import ids
-
     with _CACHE_LOCK:
         _GROUP_CACHE.clear()
-    ids.clear_footers()
 
 
 def _read_checked(root: Path, rec: dict, what: str) -> bytes:
@@ -300,25 +302,24 @@ def load_group_list(root: Path, rec: dict) -> list[GroupRef]:
     """The group references of a root's group list file (cached per process: list files never change)."""
     from .schema import group_list_problems
 
-    key = ("list", str(Path(root).resolve()), rec["path"], rec["sha256"])
-    with _CACHE_LOCK:
-        hit = _GROUP_CACHE.get(key)
-        if hit is not None:
-            _GROUP_CACHE.move_to_end(key)
-            return hit
-    raw = _read_checked(root, rec, "group list")
+    def load() -> list[GroupRef]:
+        data = _checked_json(_read_checked(root, rec, "group list"), f"group list {rec['path']}", root,
+                             group_list_problems)
+        return [GroupRef.from_json(g) for g in data["groups"]]
+
+    return cached(("list", str(Path(root).resolve()), rec["path"], rec["sha256"]), load)
+
+
+def _checked_json(raw: bytes, what: str, root: Path, problems_of: Callable[[object], list[str]]):
+    """`raw` parsed as JSON and checked by `problems_of` (CorruptDatabase naming `what` if either fails)."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptDatabase(f"group list {rec['path']} is not valid JSON: {exc}",
-                              hint=f"run: retrodb verify {root}") from None
-    problems = group_list_problems(data)
+        raise CorruptDatabase(f"{what} is not valid JSON: {exc}", hint=f"run: retrodb verify {root}") from None
+    problems = problems_of(data)
     if problems:
-        raise CorruptDatabase(f"group list {rec['path']} is damaged: {problems[0]}", hint=f"run: retrodb verify {root}")
-    refs = [GroupRef.from_json(g) for g in data["groups"]]
-    with _CACHE_LOCK:
-        _GROUP_CACHE[key] = refs
-    return refs
+        raise CorruptDatabase(f"{what} is damaged: {problems[0]}", hint=f"run: retrodb verify {root}")
+    return data
 
 
 def group_list_json(refs: list[GroupRef]) -> bytes:
@@ -329,15 +330,7 @@ def group_list_json(refs: list[GroupRef]) -> bytes:
 def parse_group(raw: bytes, where: str, root: Path) -> dict[int, Segment]:
     from .schema import group_problems
 
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptDatabase(f"group manifest {where} is not valid JSON: {exc}",
-                              hint=f"run: retrodb verify {root}") from None
-    problems = group_problems(data)
-    if problems:
-        raise CorruptDatabase(f"group manifest {where} is damaged: {problems[0]}",
-                              hint=f"run: retrodb verify {root}")
+    data = _checked_json(raw, f"group manifest {where}", root, group_problems)
     return {segment_number(n): Segment.from_json(segment_number(n), e) for n, e in data["segments"].items()}
 
 

@@ -80,6 +80,23 @@ def test_manifest_that_is_an_empty_object(cli, db):
     assert r.code == 0
 
 
+@pytest.mark.parametrize("path", ["segments/seg-000001/../../../etc/passwd", "segments/../etc/passwd",
+                                  "segments/seg-000001/./documents.parquet", "segments/seg-000001\\..\\x",
+                                  "/segments/seg-000001/documents.parquet", "segments//documents.parquet",
+                                  "segments/seg-000001", "ids/run.parquet", "segments/seg-000001/.."])
+def test_group_file_paths_that_leave_a_segment_directory_are_damage(path):
+    """A group's file paths are checked by one pattern for speed; whatever it does not match takes the general
+    check, so every way out of `segments/<dir>/` is still refused."""
+    from retrodb.schema import group_problems
+
+    def group(p):
+        return {"format_version": 2, "lo": 1, "segments": {"seg-000001": {
+            "documents": 1, "chunks": 1, "tokens": 1, "files": {"documents": {"path": p, "bytes": 1, "sha256": "ab"}}}}}
+
+    assert not group_problems(group("segments/seg-000001/documents-1.parquet"))
+    assert any("outside the database's segments" in p for p in group_problems(group(path))), path
+
+
 def test_manifest_paths_outside_the_database_are_refused(cli, db):
     version = retrodb.open(db).version
     path = db / "manifests" / f"v-{version:08d}.json"

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +182,42 @@ def test_plant_copies_gives_chunks_their_own_continuation_as_first_neighbour():
     noisy = [plant_copies(batch, m, 1.0, 1.0, 50, seed=s)["neighbours"][:, :, 0] for s in range(4)]
     assert any(not torch.equal(n, out["neighbours"][:, :, 0]) for n in noisy)
     assert torch.equal(batch["neighbours"], old)  # the input batch is not changed
+
+
+def test_recipe_runs_each_stage_once_resuming_the_interrupted_one(tmp_path, monkeypatch):
+    """`make model` trains recipe.BUNDLED_STAGES in order: a finished stage is skipped, an interrupted one resumed
+    with its overrides, a new one started from the previous stage's last checkpoint; a time limit stops the chain."""
+    from types import SimpleNamespace
+
+    from retrodb.model import recipe
+    from retrodb.model import train as train_module
+    from retrodb.model.checkpoint import LATEST, STATE
+
+    def reach(run, step):
+        (run / f"step-{step:08d}").mkdir(parents=True)
+        (run / f"step-{step:08d}" / STATE).write_bytes(b"")
+        (run / LATEST).write_text(f"step-{step:08d}")
+
+    work = tmp_path / "work"
+    reach(work / "run", 700)  # stage 1 done
+    reach(work / "copy-1", 325)  # stage 2 done, its continuation (stage 3) not yet
+    calls = []
+
+    def fake_train(db, run, cfg=None, model_cfg=None, *, init=None, resume=False, overrides=None, on_progress=None):
+        calls.append((run.name, resume, dict(overrides or {}), init and Path(init).relative_to(work).as_posix(),
+                      cfg and cfg.copy_prob))
+        stage = next(s for s in recipe.BUNDLED_STAGES[::-1] if s.name == run.name)
+        stopped = "time limit" if run.name == "copy-4" else "done"
+        if stopped == "done":
+            reach(run, stage.target())
+        return SimpleNamespace(step=stage.target(), steps=stage.target(), stopped=stopped, tokens=1, val_bpb=None,
+                               val_bpb_no_retrieval=None)
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    recipe.step_train(work, tmp_path / "db", {"device": "cpu"})
+    assert calls == [
+        ("copy-1", True, {"steps": 1000, "stop_at": 825, "device": "cpu"}, None, None),
+        ("copy-2", False, {"device": "cpu"}, "copy-1/step-00000825", 0.6),
+        ("copy-3", False, {"device": "cpu"}, "copy-2/step-00000500", 0.8),
+        ("copy-4", False, {"device": "cpu"}, "copy-3/step-00000700", 0.4),
+    ]  # copy-4 ran out of time: copy-5 waits for the rerun

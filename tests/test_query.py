@@ -80,6 +80,16 @@ def test_merge_across_segments_equals_exact_search(db):
         np.testing.assert_allclose([n.score for n in e.neighbours], [n.score for n in h.neighbours], atol=1e-4)
 
 
+def test_exact_search_keeps_no_keys_file_open(db):
+    """Exact search reads every segment's keys: it must not keep one memmap (an open file) per segment in the
+    searcher's cache, or 10^5 segments exhaust the process's file descriptors."""
+    from retrodb.query import searcher_for
+
+    searcher = searcher_for(retrodb.open(db))
+    searcher.query(QUERIES[:2], k=4, exact=True)
+    assert not [key for key in searcher.cache if key[0] == "keys"]
+
+
 def test_parallel_and_serial_search_agree(db):
     serial = retrodb.open(db).query(QUERIES, k=5, threads=1)
     parallel = retrodb.open(db).query(QUERIES, k=5, threads=4)

@@ -131,6 +131,30 @@ def test_group_summaries_answer_stats_without_reading_groups(tmp_path, monkeypat
     assert len(handle.stats(segments=True)["per_segment"]) == 6 and read
 
 
+def test_writer_start_after_a_crash_reads_the_journal_not_the_tree(tmp_path, monkeypatch):
+    """An add killed before its commit leaves a new segment; the next writer removes it from the journal alone:
+    no group manifest read (the segment is numbered after the snapshot) and `segments/` never listed."""
+    import retrodb.database as database
+
+    db = many_segments(tmp_path, n_docs=6)
+    write_jsonl(tmp_path / "new.jsonl", ["late"], seed=7)
+    proc = run_retrodb("add", db, tmp_path / "new.jsonl", env={"RETRODB_KILL_AT": "add.indexed"})
+    assert proc.returncode == -9, proc.stderr.decode()
+    handle = retrodb.open(db)
+    left = sorted(p.name for p in (db / "segments").iterdir())
+    assert len(left) == 7  # the dead add's segment is on disk, uncommitted
+    retrodb.snapshot.clear_caches()
+    groups, listed = [], []
+    real_group, real_tmp = retrodb.snapshot.load_group, database._remove_temporaries
+    monkeypatch.setattr(retrodb.snapshot, "load_group", lambda root, ref: groups.append(ref.path) or real_group(root, ref))
+    monkeypatch.setattr(database, "_remove_temporaries", lambda d, name: listed.append(Path(d)) or real_tmp(d, name))
+    with handle.writer("test"):
+        pass
+    assert sorted(p.name for p in (db / "segments").iterdir()) == left[:6]
+    assert groups == [] and db / "segments" not in listed
+    assert retrodb.open(db).stats()["documents"] == 6
+
+
 # ---------------------------------------------------------------- tiered index shards
 
 

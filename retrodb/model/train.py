@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -211,15 +210,9 @@ def validate(model: Retro, items: list[dict], token_bytes: torch.Tensor, cfg: Tr
 def hardware(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    from ..executor import cpu_model
+
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def train(db_path: str | Path, out: str | Path, cfg: TrainConfig | None = None, model_cfg: RetroConfig | None = None,
