@@ -55,7 +55,7 @@ def test_keys_in_npy_and_deleted_hnsw_slots(tmp_path):
     np.save(tmp_path / "keys.npy", np.vstack([others, key[None]]).astype(np.float16))
     index = hnswlib.Index(space="cosine", dim=32)
     index.init_index(max_elements=30, ef_construction=50, M=8)
-    index.add_items(np.vstack([others, key[None]]), np.arange(100, 121))
+    index.add_items(np.vstack([others, key[None]]), np.arange(100, 121), num_threads=1)  # slot order = row order
     index.mark_deleted(120)  # mark_deleted keeps the vector bytes in the saved file
     index.save_index(str(tmp_path / "index.hnsw"))
     hits = scan_absent(tmp_path, [SECRET], check_keys=True, embedder=emb)
