@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,6 +38,10 @@ from .snapshot import (GROUPS, GroupRef, Segment, Snapshot, combine, group_json,
 
 GROUP_MAX = 1024  # segments per group manifest at most (a group that grows past it splits in halves)
 GROUP_MIN = 128  # a group left with fewer joins its left neighbour, when the two fit in GROUP_MAX
+# A commit that only removes segments from a group (compaction's sources, outside the newest group) records
+# their numbers in the group's reference instead of rewriting it, up to this many; the group's next rewrite
+# drops them. So compacting one segment writes one group, the newest (where the compacted one goes).
+REMOVED_MAX = 64
 
 
 class ManifestEdit:
@@ -153,6 +158,8 @@ def _groups_after(root: Path, edit: ManifestEdit, track) -> list[GroupRef]:
         return _write_groups(root, edit, track, _partition(sorted(segments.values(), key=lambda s: s.number), 0))
     refs = list(base.group_refs)
     touched: dict[int, dict[int, Segment]] = {}
+    gone: dict[int, list[int]] = {}  # group -> segments removed from it
+    added_or_changed: set[int] = set()  # groups with a new or changed segment
     for number in sorted(edit.changed):
         i = base.group_index(number)
         if i is None:  # before the first group (an empty database)
@@ -161,6 +168,10 @@ def _groups_after(root: Path, edit: ManifestEdit, track) -> list[GroupRef]:
             touched[i] = dict(base.group(i)) if i >= 0 else {}
         seg = edit.changed[number]
         if seg is None:
+            gone.setdefault(i, []).append(number)
+        else:
+            added_or_changed.add(i)
+        if seg is None:
             touched[i].pop(number, None)
         else:
             touched[i][number] = seg
@@ -168,10 +179,16 @@ def _groups_after(root: Path, edit: ManifestEdit, track) -> list[GroupRef]:
     if -1 in touched:
         out.append((min(touched[-1]), sorted(touched[-1].values(), key=lambda s: s.number)))
     for i, ref in enumerate(refs):
-        if i in touched:
-            out.append((ref.lo, sorted(touched[i].values(), key=lambda s: s.number)))
-        else:
+        if i not in touched:
             out.append((ref.lo, ref))
+            continue
+        live = sorted(touched[i].values(), key=lambda s: s.number)
+        removed = tuple(sorted(set(ref.removed) | set(gone.get(i, ()))))
+        if i not in added_or_changed and ref.path is not None and len(removed) <= REMOVED_MAX \
+                and len(live) >= GROUP_MIN:  # only removals: the same file, a longer `removed`
+            out.append((ref.lo, replace(ref, summary=summarize(live), removed=removed)))
+        else:
+            out.append((ref.lo, live))
     # rebalance the rewritten groups: split the big, join the small to their left neighbour
     groups: list[tuple[int, list[Segment] | GroupRef]] = []
     for lo, item in out:
@@ -207,7 +224,7 @@ def _write_groups(root: Path, edit: ManifestEdit, track, groups) -> list[GroupRe
     k = 0
     for lo, item in groups:
         if isinstance(item, GroupRef):
-            refs.append(item if item.lo == lo else GroupRef(lo, item.path, item.bytes, item.sha256, item.summary))
+            refs.append(item if item.lo == lo else replace(item, lo=lo))
             continue
         if not item:
             continue

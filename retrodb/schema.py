@@ -133,6 +133,9 @@ def group_list_problems(data) -> list[str]:
             problems.append(f"group manifest path {g['path']!r} is outside the database's manifests")
         elif last is not None and g["lo"] <= last:
             problems.append("group references are not in order of their segment numbers")
+        elif not isinstance(g.get("removed", []), list) or not all(_is(n, int) and n >= g["lo"]
+                                                                     for n in g.get("removed", [])):
+            problems.append(f"group {g['path']}: 'removed' is not a list of segment numbers of its range")
         else:
             last = g["lo"]
     return problems

@@ -236,20 +236,26 @@ def combine(summaries: Iterable[dict]) -> dict:
 
 @dataclass(frozen=True)
 class GroupRef:
-    """A root's reference to one group manifest: the segments numbered from `lo` up to the next group's lo."""
+    """A root's reference to one group manifest: the segments numbered from `lo` up to the next group's lo, less
+    those in `removed` (segments a commit removed without rewriting the group: `manifest.REMOVED_MAX`)."""
 
     lo: int
     path: str | None  # relative; None for the one in-memory group of a format-1 manifest
     bytes: int
     sha256: str | None
-    summary: dict
+    summary: dict  # of the group's live segments (the manifest's less `removed`)
+    removed: tuple[int, ...] = ()
 
     def to_json(self) -> dict:
-        return {"lo": self.lo, "path": self.path, "bytes": self.bytes, "sha256": self.sha256, "summary": self.summary}
+        out = {"lo": self.lo, "path": self.path, "bytes": self.bytes, "sha256": self.sha256, "summary": self.summary}
+        if self.removed:
+            out["removed"] = list(self.removed)
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "GroupRef":
-        return cls(int(d["lo"]), d["path"], int(d["bytes"]), d["sha256"], d["summary"])
+        return cls(int(d["lo"]), d["path"], int(d["bytes"]), d["sha256"], d["summary"],
+                   tuple(int(n) for n in d.get("removed", ())))
 
 
 _GROUP_CACHE: "OrderedDict[tuple, object]" = OrderedDict()  # parsed immutable metadata files, per process
@@ -274,9 +280,14 @@ def cached(key: tuple, load: Callable[[], object]):
 
 
 def load_group(root: Path, ref: GroupRef) -> dict[int, Segment]:
-    """The segments of a group manifest, by number (cached per process: group files never change)."""
-    return cached((str(Path(root).resolve()), ref.path, ref.sha256), lambda: parse_group(
+    """The live segments of a group manifest, by number: the file's (parsed once per process: group files never
+    change) less the reference's `removed`."""
+    parsed = cached((str(Path(root).resolve()), ref.path, ref.sha256), lambda: parse_group(
         _read_checked(root, {"path": ref.path, "bytes": ref.bytes}, "group manifest"), ref.path, root))
+    if not ref.removed:
+        return parsed
+    gone = set(ref.removed)
+    return {n: seg for n, seg in parsed.items() if n not in gone}
 
 
 def clear_caches() -> None:

@@ -149,14 +149,14 @@ def garbage(root: Path, kept: list, gone: list, full: bool = False) -> tuple[dic
     files: dict[str, int] = {}
     directories: set[str] = set()
     kept_meta = {r["path"] for k in kept for r in k.metadata_records()}
-    kept_groups = {r.path for k in kept for r in k.group_refs}
+    kept_groups = {(r.path, r.removed) for k in kept for r in k.group_refs}  # a group as a kept snapshot sees it
     kept_units = {u["name"] for k in kept for u in k.index_units}
     for s in gone:
         for rec in s.metadata_records():
             if rec["path"] not in kept_meta:
                 files[rec["path"]] = int(rec["bytes"])
         for i, ref in enumerate(s.group_refs):
-            if ref.path is not None and ref.path in kept_groups:
+            if ref.path is not None and (ref.path, ref.removed) in kept_groups:
                 continue  # shared with a kept snapshot: its segments are kept as they are
             for number, seg in s.group(i).items():
                 keeping = [k.segment(number) for k in kept]

@@ -366,7 +366,7 @@ def check_retained(v: Verification) -> None:
     missing or altered one is named."""
     bad: dict[str, str] = {}  # path -> "a missing" / "an altered"
     checked = {rec["path"] for rec in v.snapshot.all_records()}
-    by_group: dict[str, list[str]] = {r.path: [] for r in v.snapshot.group_refs if r.path}
+    by_group: dict[tuple, list[str]] = {(r.path, r.removed): [] for r in v.snapshot.group_refs if r.path}
 
     def state(rec: dict) -> str | None:
         if rec["path"] in checked and rec["path"] not in bad:
@@ -386,10 +386,11 @@ def check_retained(v: Verification) -> None:
             other = snap.read_manifest(v.root, version)
             found = [rec["path"] for rec in other.metadata_records() if state(rec)]
             for i, ref in enumerate(other.group_refs):
-                if ref.path is None or ref.path not in by_group:
-                    by_group[ref.path] = [rec["path"] for seg in other.group(i).values()
-                                          for rec in seg.files.values() if state(rec)]
-                found += by_group[ref.path]
+                key = (ref.path, ref.removed)  # the same file with other segments removed is another group
+                if ref.path is None or key not in by_group:
+                    by_group[key] = [rec["path"] for seg in other.group(i).values()
+                                     for rec in seg.files.values() if state(rec)]
+                found += by_group[key]
         except RetrodbError as exc:
             v.error(f"retained snapshot v{version} cannot be read: {exc.message}")
             continue
@@ -594,7 +595,9 @@ def check_summaries(v: Verification) -> None:
     """The root's counts are the sum of its groups' summaries, and each group's summary is what its segments
     add up to (stats, log and planning read the summaries alone), and each group holds only segments of its
     range."""
-    from .snapshot import combine, summarize
+    from dataclasses import replace
+
+    from .snapshot import combine, load_group, summarize
 
     refs = v.snapshot.group_refs
     for i, ref in enumerate(refs):
@@ -606,6 +609,10 @@ def check_summaries(v: Verification) -> None:
         upper = refs[i + 1].lo if i + 1 < len(refs) else None
         if any(s.number < ref.lo or (upper is not None and s.number >= upper) for s in segs):
             v.error("a group manifest holds a segment outside its range", ref.path)
+        if ref.removed:
+            held = set(load_group(v.root, replace(ref, removed=())))
+            if not set(ref.removed) <= held:
+                v.error("the root removes segments its group manifest does not hold", ref.path)
     if v.snapshot.format_version >= 2 and combine(r.summary for r in refs) != v.snapshot.totals_summary:
         v.error("the root's totals differ from the sum of its groups' summaries")
 

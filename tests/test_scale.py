@@ -115,6 +115,73 @@ def test_a_commit_rewrites_only_the_group_it_changes(tmp_path, monkeypatch):
     assert report.ok and not report.warnings, [f.message for f in report.findings]
 
 
+def test_compacting_a_segment_writes_one_group_and_vacuum_and_redact_see_the_removal(tmp_path, monkeypatch):
+    """A commit that only removes segments from a group (compaction's sources) records them in the group's
+    reference, not by rewriting the group: compacting writes one group, the newest. Older snapshots still see
+    the removed segments; vacuum removes their files; redaction leaves no text behind; past REMOVED_MAX, or
+    at the group's next change, the group is rewritten without them."""
+    from retrodb.absent import scan_absent
+    from retrodb.redact import build_selectors, redact
+    from retrodb.snapshot import read_manifest, summarize
+
+    monkeypatch.setattr(manifest, "GROUP_MAX", 4)
+    monkeypatch.setattr(manifest, "GROUP_MIN", 2)
+    monkeypatch.setattr(manifest, "REMOVED_MAX", 2)
+    db = build_db(tmp_path / "db", n_docs=32, segment_bytes=700, index=True)  # two documents per segment
+    snap = retrodb.open(db).snapshot
+    assert len(snap.group_refs) == 4 and all(len(snap.group(i)) == 4 for i in range(4))
+    assert all(s.documents == 2 for s in snap.segments.values())
+
+    def doc_of(n: int) -> str:
+        return retrodb.open(db).sql(f"SELECT doc_id FROM documents WHERE segment = 'seg-{n:06d}' ORDER BY doc_id"
+                                    ).column(0)[0].as_py()
+
+    victims = sorted(snap.group(1))
+    delete(db, doc_ids=[doc_of(victims[0]), doc_of(victims[1])])
+    vacuum(db, retain=1, grace=0)  # so that the one older snapshot left shares the group file with the next
+    pre = retrodb.open(db).snapshot
+    report = compact(db, 0.4, 0, merge_indexes=False)
+    assert sorted(n for g in report.groups for n in g.sources) == victims[:2]
+    after = retrodb.open(db).snapshot
+    written = {f"manifests/groups/{p.name}" for p in (db / "manifests" / "groups").glob(f"g-{after.version:08d}-*")}
+    assert written and written <= {r.path for r in after.group_refs if r.lo >= snap.group_refs[-1].lo}
+    ref = after.group_refs[1]
+    assert (ref.path, ref.bytes, ref.removed) == (pre.group_refs[1].path, pre.group_refs[1].bytes, tuple(victims[:2]))
+    assert victims[0] not in after.segments and after.segment(victims[1]) is None and len(after.group(1)) == 2
+    assert ref.summary == summarize(after.group(1).values())
+    assert after.totals()["documents"] == 30 and retrodb.open(db).stats()["segments"] == 16
+    assert victims[0] in read_manifest(db, pre.version).segments  # the snapshot before still has it
+    report = verify(db)
+    assert report.ok and not report.warnings, [f.message for f in report.findings]
+    broken = tmp_path / "broken"  # a file only the older snapshot references goes missing: verify names it
+    shutil.copytree(db, broken)
+    (broken / pre.segment(victims[0]).files["chunks"]["path"]).unlink()
+    assert any(f"retained snapshot v{pre.version} references a missing file" in f.message
+               for f in verify(broken).findings)
+    vacuum(db, retain=1, grace=0)
+    assert not (db / "segments" / f"seg-{victims[0]:06d}").exists()  # the group file is kept; the segment is not
+    assert (db / ref.path).exists()
+    report = verify(db)
+    assert report.ok and not report.warnings, [f.message for f in report.findings]
+    # a redaction in that group: the text is gone from every file, and the group's next change rewrites it
+    doc = doc_of(victims[2])
+    secret = content(db)["documents"][doc]
+    assert scan_absent(db, [secret[:40]])
+    redact(db, build_selectors(doc_ids=[doc]), mode="drop")
+    assert scan_absent(db, [secret[:40]]) == []
+    now = retrodb.open(db).snapshot
+    assert now.group_refs[1].path != ref.path and not set(victims[:2]) & set(now.group(1))
+    # more removals than REMOVED_MAX: the group is rewritten
+    monkeypatch.setattr(manifest, "REMOVED_MAX", 1)
+    two = sorted(now.group(2))[:2]
+    delete(db, doc_ids=[doc_of(n) for n in two])
+    compact(db, 0.4, 0, merge_indexes=False)
+    last = retrodb.open(db).snapshot
+    assert not last.group_refs[2].removed and not set(two) & set(last.segments)
+    report = verify(db)
+    assert report.ok and not report.warnings, [f.message for f in report.findings]
+
+
 def test_group_summaries_answer_stats_without_reading_groups(tmp_path, monkeypatch):
     db = many_segments(tmp_path, n_docs=6)
     delete(db, doc_ids=["d2"])
