@@ -21,7 +21,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: step-N/ checkpoints, LATEST, metrics.jsonl.")],
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint (its saved settings, updated by the options given).")] = False,
     config: Annotated[Optional[Path], typer.Option("--config", help="JSON: {\"model\": {RetroConfig fields}, \"train\": {TrainConfig fields}} (see docs/model.md).")] = None,
-    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this model's weights (e.g. the bundled one: retrodb/model/bundled) instead of random ones.")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this model's weights (e.g. the bundled one: retrodb/model/bundled) instead of random ones; --config's \"model\" may then only add modules (enc_input_norm).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (the schedule ends here).", min=1)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step.", min=1)] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sequence (a multiple of the chunk size).", min=1)] = None,
@@ -58,11 +58,12 @@ def train(
     from retrodb.model.train import TrainConfig, train as run_train
 
     out_ = Output(fmt.value)
-    model_cfg, train_cfg = None, TrainConfig()
+    model_cfg, model_changes, train_cfg = None, None, TrainConfig()
     if config is not None:
         try:
             spec = json.loads(config.read_text())
             model_cfg = RetroConfig.from_dict(spec.get("model", {}))
+            model_changes = spec.get("model") if init is not None else None
             train_cfg = TrainConfig(**spec.get("train", {}))
         except (OSError, ValueError, TypeError) as exc:
             raise RetrodbError(f"cannot use --config {config}: {exc}",
@@ -76,7 +77,8 @@ def train(
         raise RetrodbError("--resume continues a run with its own settings; leave out --config and --init")
     bar = None if out_.json else TrainBar(out_)
     try:
-        report = run_train(db, out, train_cfg, model_cfg, init=init, resume=resume, overrides=overrides,
+        report = run_train(db, out, train_cfg, model_cfg, init=init, model_changes=model_changes, resume=resume,
+                           overrides=overrides,
                            on_progress=out_.record if out_.json else bar)
     finally:
         if bar is not None:

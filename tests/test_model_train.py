@@ -184,6 +184,71 @@ def test_plant_copies_gives_chunks_their_own_continuation_as_first_neighbour():
     assert torch.equal(batch["neighbours"], old)  # the input batch is not changed
 
 
+def test_a_saved_model_without_the_encoder_input_norm_loads_as_it_was_and_can_grow_one(tmp_path):
+    """config.json files written before RetroConfig.enc_input_norm describe models without it; `--init` with
+    {"model": {"enc_input_norm": true}} adds it (fresh weights) and keeps every other weight."""
+    from retrodb.errors import ConfigMismatch
+    from retrodb.model.checkpoint import write_model_dir
+    from retrodb.model.config import RetroConfig
+    from retrodb.model.decoder import Retro
+    from retrodb.model.train import grown
+
+    cfg = RetroConfig(vocab_size=40, chunk_size=4, dim=32, n_layers=2, n_heads=2, head_dim=16, enc_dim=16,
+                      enc_heads=1, enc_input_norm=False)
+    torch.manual_seed(0)
+    old = Retro(cfg).eval()
+    write_model_dir(old, tmp_path / "m", '{"version": "1.0"}')
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    del saved["enc_input_norm"]  # as written before the field existed
+    (tmp_path / "m" / "config.json").write_text(json.dumps(saved))
+    back = read_model_dir(tmp_path / "m")
+    assert back.cfg.enc_input_norm is False and back.encoder.in_norm is None
+    assert RetroConfig.from_dict({}).enc_input_norm is True  # a new model has it
+    new = grown(back, {"enc_input_norm": True})
+    assert new.encoder.in_norm is not None and torch.equal(new.encoder.in_norm.weight, torch.ones(32))
+    old_state, new_state = back.state_dict(), new.state_dict()
+    assert all(torch.equal(old_state[k], new_state[k]) for k in old_state)
+    assert set(new_state) - set(old_state) == {"encoder.in_norm.weight"}
+    assert grown(back, {"enc_input_norm": False}) is back
+    with pytest.raises(ConfigMismatch, match="dim"):
+        grown(back, {"dim": 64})
+
+
+def test_plant_copies_spans_are_made_up_tokens_only_the_neighbour_holds():
+    """copy_span_prob: a span of chunk u+1 is replaced, in the inputs, the targets and the planted copy alike."""
+    from retrodb.model.train import plant_copies
+
+    m, B, L, k = 8, 3, 32, 2
+    ids = torch.arange(1, B * L + 1).reshape(B, L)
+    targets = torch.cat([ids[:, 1:], ids[:, -1:] + 1], dim=1)
+    targets[2, 10:] = -100  # a short document: its padding stays padding
+    old = torch.zeros(B, L // m, k, 2 * m, dtype=torch.long)
+    batch = {"input_ids": ids, "targets": targets, "neighbours": old,
+             "neighbour_mask": torch.ones(B, L // m, k, 2 * m, dtype=torch.bool)}
+    assert torch.equal(plant_copies(batch, m, 1.0, 0.0, 50, seed=2, span_prob=0.0)["input_ids"], ids)
+    out = plant_copies(batch, m, 1.0, 0.0, 50, seed=2, span_prob=1.0, span_len=(3, 5))
+    new_ids, new_t = out["input_ids"], out["targets"]
+    real = targets != -100
+    assert torch.equal(new_t[:, :-1][real[:, :-1]], new_ids[:, 1:][real[:, :-1]])  # targets follow the inputs
+    assert torch.equal(new_t == -100, targets == -100) and torch.equal(new_ids[2, 11:], ids[2, 11:])
+    changed = (new_ids != ids).nonzero().tolist()
+    assert changed and all(p >= m for _, p in changed)  # chunk 0 is never a continuation
+    seq = torch.cat([new_ids, new_t[:, -1:].clamp(min=0)], dim=1)
+    for b in range(B):  # the planted copy holds the made-up span where the targets do
+        for u in range(L // m):
+            if b == 2 and u * m > 10:  # past the short document's end: no copy planted
+                assert torch.equal(out["neighbours"][b, u], old[b, u])
+                continue
+            want = seq[b, u * m: u * m + 2 * m]
+            mask = out["neighbour_mask"][b, u, 0, :len(want)]
+            assert torch.equal(out["neighbours"][b, u, 0, :len(want)][mask], want[mask]) and mask[0]
+    # the span's tokens come from the batch, and the choice is a function of the seed
+    assert set(new_ids[new_ids != ids].tolist()) <= set(ids[real].tolist()) | set(targets[real].tolist())
+    again = plant_copies(batch, m, 1.0, 0.0, 50, seed=2, span_prob=1.0, span_len=(3, 5))
+    assert all(torch.equal(out[x], again[x]) for x in out)
+    assert torch.equal(batch["input_ids"], ids)
+
+
 def test_recipe_runs_each_stage_once_resuming_the_interrupted_one(tmp_path, monkeypatch):
     """`make model` trains recipe.BUNDLED_STAGES in order: a finished stage is skipped, an interrupted one resumed
     with its overrides, a new one started from the previous stage's last checkpoint; a time limit stops the chain."""

@@ -98,7 +98,7 @@ def read_model_dir(directory: Path, device: str = "cpu", dtype: torch.dtype = to
     from safetensors.torch import load_file
 
     try:
-        cfg = RetroConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        cfg = RetroConfig.from_saved(json.loads((directory / "config.json").read_text()))
         weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
         state = {}
         for shard in sorted(set(weight_map.values())):

@@ -24,6 +24,11 @@ class RetroConfig:
     rope_theta: float = 10000.0  # rotary base
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = True  # the output layer reuses the token embedding matrix
+    # RMSNorm on the neighbours' token embeddings before the encoder's input projection. Without it a
+    # neighbour token's identity enters the encoder at the scale of (embedding x projection), about a
+    # tenth of what attention adds, and is drowned: copying from a neighbour then stalls at log V
+    # (measured, tests/test_model.py). A config.json written before this field reads as False.
+    enc_input_norm: bool = True
 
     def __post_init__(self):
         if self.cca_layers is not None:
@@ -55,3 +60,9 @@ class RetroConfig:
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
         return cls(**d)
+
+    @classmethod
+    def from_saved(cls, d: dict) -> "RetroConfig":
+        """A model directory's config.json: a field added after it was written takes the value that keeps
+        the model it describes (enc_input_norm: False)."""
+        return cls.from_dict({"enc_input_norm": False, **d})

@@ -40,6 +40,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: RetroConfig):
         super().__init__()
         self.cfg = cfg
+        self.in_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.enc_input_norm else None
         self.inp = nn.Linear(cfg.dim, cfg.enc_dim, bias=False)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.norm = RMSNorm(cfg.enc_dim, cfg.norm_eps)
@@ -54,7 +55,7 @@ class Encoder(nn.Module):
         # softmax finite; chunked cross-attention masks it out later.
         key_mask = mask | ~mask.any(-1, keepdim=True) & first  # (B, C, k, r)
         key_mask = key_mask[..., None, None, :]  # (B, C, k, heads=1, queries=1, r)
-        x = self.inp(neighbours)  # (B, C, k, r, e)
+        x = self.inp(neighbours if self.in_norm is None else self.in_norm(neighbours))  # (B, C, k, r, e)
         chunks = chunks.unsqueeze(2)  # (B, C, 1, m, dim): one chunk conditions its k neighbours
         for layer in self.layers:
             x = layer(x, key_mask, chunks, rot)

@@ -61,10 +61,15 @@ class TrainConfig:
     # data exactly (other documents only).
     copy_prob: float = 0.0
     copy_noise: float = 0.25
+    # The share of planted copies whose continuation also gets a made-up span (an address, a number) that only
+    # the neighbour can predict (`plant_copies`), and the span's length in tokens.
+    copy_span_prob: float = 0.0
+    copy_span_len: tuple[int, int] = (4, 24)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
         self.exclude_docs = tuple(self.exclude_docs)
+        self.copy_span_len = tuple(self.copy_span_len)
 
 
 @dataclass
@@ -111,7 +116,28 @@ def make_batches(dataset, cfg: TrainConfig, position: int):
                            num_workers=cfg.workers, persistent_workers=cfg.workers > 0))  # default_collate: stacked
 
 
-def plant_copies(batch: dict, m: int, prob: float, noise: float, vocab_size: int, seed: int) -> dict:
+ADDABLE = {"enc_input_norm": "encoder.in_norm."}  # RetroConfig fields that only add modules: their parameters
+
+
+def grown(model: Retro, changes: dict) -> Retro:
+    """`model` with `changes` to its config that only add modules (ADDABLE), the new parameters initialised as in
+    a fresh model and every other weight kept."""
+    changed = {k: v for k, v in changes.items() if getattr(model.cfg, k) != v}
+    if not changed:
+        return model
+    if set(changed) - set(ADDABLE):
+        raise ConfigMismatch(f"--init keeps the model's architecture; it cannot change {sorted(set(changed) - set(ADDABLE))}",
+                             hint=f"only {', '.join(sorted(ADDABLE))} can be added to a trained model")
+    new = Retro(replace(model.cfg, **changed))
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    added = tuple(ADDABLE[k] for k in changed)
+    if unexpected or any(not name.startswith(added) for name in missing):
+        raise ConfigMismatch(f"cannot add {sorted(changed)} to the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return new
+
+
+def plant_copies(batch: dict, m: int, prob: float, noise: float, vocab_size: int, seed: int,
+                 span_prob: float = 0.0, span_len: tuple[int, int] = (4, 24)) -> dict:
     """Give a share `prob` of the training chunks a near-duplicate of their own [N, F] as first neighbour.
 
     Why: RETRO learns to read its neighbours, and to copy from them, because a web-scale corpus is full
@@ -122,7 +148,15 @@ def plant_copies(batch: dict, m: int, prob: float, noise: float, vocab_size: int
     chunk u, the neighbours shift down one rank and the first becomes chunk u followed by chunk u+1 of
     the sequence itself (the tokens the positions reading it must predict), up to `noise` x 2m of its
     tokens replaced at random (a near-duplicate, not always an exact one). Validation never sees this.
-    `seed` makes the choice a function of the step, so a resumed run plants the same copies.
+
+    Copies of ordinary text teach a soft copy: the neighbour raises tokens the language model already
+    expects. An email address or an account number is what it does not expect. So, with probability
+    `span_prob` per planted copy, a span of `span_len` tokens of chunk u+1 (in the sequence and, through
+    the copy, in the neighbour) is replaced by tokens drawn at random from the batch: a made-up string
+    that only the neighbour can predict. The targets follow the changed inputs.
+
+    `seed` makes every choice a function of the step, so a resumed run plants the same copies (the random
+    draws of span_prob = 0 are those of the first version of this function, so older stages reproduce).
     """
     if prob <= 0:
         return batch
@@ -132,19 +166,42 @@ def plant_copies(batch: dict, m: int, prob: float, noise: float, vocab_size: int
     C = old.shape[1]
     seq = torch.cat([ids, targets[:, -1:].clamp(min=0), ids.new_zeros(B, 2 * m)], dim=1)  # (B, L+1+2m)
     real = torch.cat([torch.ones(B, 1, dtype=torch.bool), targets != -100, torch.zeros(B, 2 * m, dtype=torch.bool)], 1)
-    own = seq.unfold(1, 2 * m, m)[:, :C]  # (B, C, 2m): chunk u then chunk u+1
     own_mask = real.unfold(1, 2 * m, m)[:, :C]  # (B, C, 2m)
     rate = torch.rand(B, C, 1, generator=g) * noise  # each copy's share of random tokens
     swap = (torch.rand(B, C, 2 * m, generator=g) < rate) & own_mask
-    own = torch.where(swap, torch.randint(0, vocab_size, own.shape, generator=g), own)
+    swap_to = torch.randint(0, vocab_size, (B, C, 2 * m), generator=g)
     chosen = (torch.rand(B, C, generator=g) < prob) & own_mask[:, :, 0]  # (B, C); only real chunks
+    out = dict(batch)
+    if span_prob > 0:
+        seq = plant_spans(seq, real, chosen, m, span_prob, span_len, seed)
+        out["input_ids"] = seq[:, :L].clone()
+        out["targets"] = torch.where(targets != -100, seq[:, 1:L + 1], targets)
+    own = seq.unfold(1, 2 * m, m)[:, :C]  # (B, C, 2m): chunk u then chunk u+1
+    own = torch.where(swap, swap_to, own)
     pick = chosen[:, :, None, None]  # (B, C, 1, 1)
     shifted = torch.cat([own[:, :, None], old[:, :, :-1]], dim=2)  # (B, C, k, 2m)
     shifted_mask = torch.cat([own_mask[:, :, None], old_mask[:, :, :-1]], dim=2)
-    out = dict(batch)
     out["neighbours"] = torch.where(pick, shifted, old)
     out["neighbour_mask"] = torch.where(pick, shifted_mask, old_mask)
     return out
+
+
+def plant_spans(seq: torch.Tensor, real: torch.Tensor, chosen: torch.Tensor, m: int, prob: float,
+                span_len: tuple[int, int], seed: int) -> torch.Tensor:
+    """A copy of `seq` (B, L+1+2m) with, for a share `prob` of the chosen chunks u, a span of chunk u+1's real
+    tokens replaced by tokens drawn from random real positions of the batch."""
+    g = torch.Generator().manual_seed(seed * 7 + 0x5EED)
+    seq = seq.clone()
+    pool = seq[real]
+    for b, u in chosen.nonzero().tolist():
+        if torch.rand(1, generator=g).item() >= prob:
+            continue
+        n = int(torch.randint(span_len[0], span_len[1] + 1, (1,), generator=g))
+        start = (u + 1) * m + int(torch.randint(0, max(1, m - n + 1), (1,), generator=g))
+        where = torch.arange(start, min(start + n, (u + 2) * m))
+        where = where[real[b, where]]
+        seq[b, where] = pool[torch.randint(0, len(pool), (len(where),), generator=g)]
+    return seq
 
 
 def autocast(device: str, dtype: str):
@@ -216,13 +273,15 @@ def hardware(device: str) -> str:
 
 
 def train(db_path: str | Path, out: str | Path, cfg: TrainConfig | None = None, model_cfg: RetroConfig | None = None,
-          *, init: str | Path | None = None, resume: bool = False, overrides: dict | None = None,
+          *, init: str | Path | None = None, model_changes: dict | None = None, resume: bool = False,
+          overrides: dict | None = None,
           datasets: tuple | None = None, on_progress: Callable[[dict], None] | None = None) -> TrainReport:
     """Train on the database at `db_path`, writing checkpoints and metrics.jsonl to `out`.
 
     `model_cfg` sets the architecture of a new model (its vocabulary is the database tokenizer's);
     `init` starts from the weights of a model directory instead (its tokenizer must be the
-    database's). `resume` continues the run in `out` from its last checkpoint, with its saved
+    database's), with `model_changes` (RetroConfig fields) applied when they only add modules
+    (enc_input_norm: the new parameters start as a fresh model's). `resume` continues the run in `out` from its last checkpoint, with its saved
     configuration updated by `overrides` (e.g. more `steps`). `datasets` = (train, val) replaces
     the database's (tests). `on_progress(dict)` is called every `log_every` steps.
     """
@@ -261,7 +320,7 @@ def train(db_path: str | Path, out: str | Path, cfg: TrainConfig | None = None, 
 
         lm = load(init, device)
         lm.check_database(db)
-        model = lm.model
+        model = grown(lm.model, model_changes or {}).to(device)
     else:
         model_cfg = replace(model_cfg or RetroConfig(), vocab_size=tok_info.vocab_size,
                             chunk_size=db.config["chunk_size"])
@@ -340,7 +399,8 @@ def train(db_path: str | Path, out: str | Path, cfg: TrainConfig | None = None, 
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             planted = plant_copies(batch, model.cfg.chunk_size, cfg.copy_prob, cfg.copy_noise, model.cfg.vocab_size,
-                                   seed=cfg.seed * 1_000_003 + step)
+                                   seed=cfg.seed * 1_000_003 + step, span_prob=cfg.copy_span_prob,
+                                   span_len=cfg.copy_span_len)
             loss = forward_loss(model, planted, device, dtype)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
