@@ -38,13 +38,15 @@ from retrodb.model.config import RetroConfig  # noqa: E402
 from retrodb.model.recipe import BUNDLED_TRAIN  # noqa: E402
 
 # 20.5M parameters, CCA at layers 4 and 7: in bf16 about 41 MB, three shards of at most 16 MiB (what comes back).
+# With the encoder's input norm (RetroConfig.enc_input_norm, the default): without it copying stalls.
 GPU_MODEL = RetroConfig(vocab_size=8192, chunk_size=64, dim=384, n_layers=8, n_heads=6, head_dim=64, ffn_mult=4,
-                        cca_layers=None, enc_dim=256, enc_layers=2, enc_heads=4)
-# Half the chunks get a near-duplicate of their own [N, F] as first neighbour (5% of its tokens at most replaced):
-# what taught the bundled model to read its neighbours (docs/model.md, "Training").
+                        cca_layers=None, enc_dim=256, enc_layers=2, enc_heads=4, enc_input_norm=True)
+# Half the chunks get a near-duplicate of their own [N, F] as first neighbour (5% of its tokens at most replaced),
+# half of those a made-up span only the neighbour holds: what taught the bundled model to read its neighbours
+# and to copy from them (docs/model.md, "Training").
 GPU_TRAIN = replace(BUNDLED_TRAIN, batch_size=64, lr=1e-3, warmup_steps=100, steps=2000, eval_every=200,
                     eval_sequences=128, checkpoint_every=200, log_every=20, dtype="auto", device="auto", workers=4,
-                    copy_prob=0.5, copy_noise=0.05)
+                    copy_prob=0.5, copy_noise=0.05, copy_span_prob=0.5, copy_span_len=(4, 24), copy_decoy_prob=0.5)
 TINY_MODEL = RetroConfig(vocab_size=8192, chunk_size=64, dim=32, n_layers=2, n_heads=2, head_dim=16, ffn_mult=2,
                          enc_dim=16, enc_layers=1, enc_heads=1)
 KEYS_AND_INDEXES = (".npy", ".hnsw")

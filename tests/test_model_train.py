@@ -184,6 +184,28 @@ def test_plant_copies_gives_chunks_their_own_continuation_as_first_neighbour():
     assert torch.equal(batch["neighbours"], old)  # the input batch is not changed
 
 
+def test_plant_copies_decoy_is_the_same_text_one_chunk_early_as_second_neighbour():
+    """copy_decoy_prob: after an add, a document's chunk u retrieves [u, u+1] and then [u-1, u] of itself."""
+    from retrodb.model.train import plant_copies
+
+    m, B, L, k = 4, 2, 16, 2
+    ids = torch.arange(1, B * L + 1).reshape(B, L)
+    targets = torch.cat([ids[:, 1:], ids[:, -1:] + 1], dim=1)
+    old = torch.full((B, L // m, k, 2 * m), 7)
+    batch = {"input_ids": ids, "targets": targets, "neighbours": old,
+             "neighbour_mask": torch.ones(B, L // m, k, 2 * m, dtype=torch.bool)}
+    out = plant_copies(batch, m, 1.0, 0.0, 50, seed=4, decoy_prob=1.0)
+    seq = torch.cat([ids, targets[:, -1:]], dim=1)
+    for b in range(B):
+        assert (out["neighbours"][b, 0, 1] == 7).all()  # chunk 0: nothing before it, the old first neighbour
+        for u in range(1, L // m):
+            n = min(2 * m, L + 1 - u * m)
+            assert out["neighbours"][b, u, 0, :n].tolist() == seq[b, u * m: u * m + n].tolist()
+            assert out["neighbours"][b, u, 1].tolist() == seq[b, (u - 1) * m: (u + 1) * m].tolist()
+    half = plant_copies(batch, m, 1.0, 0.0, 50, seed=4, decoy_prob=0.5)["neighbours"][:, 1:, 1]
+    assert (half == 7).all(-1).any() and (half != 7).all(-1).any()  # some decoys, some old neighbours
+
+
 def test_a_saved_model_without_the_encoder_input_norm_loads_as_it_was_and_can_grow_one(tmp_path):
     """config.json files written before RetroConfig.enc_input_norm describe models without it; `--init` with
     {"model": {"enc_input_norm": true}} adds it (fresh weights) and keeps every other weight."""
@@ -266,13 +288,17 @@ def test_recipe_runs_each_stage_once_resuming_the_interrupted_one(tmp_path, monk
     work = tmp_path / "work"
     reach(work / "run", 700)  # stage 1 done
     reach(work / "copy-1", 325)  # stage 2 done, its continuation (stage 3) not yet
-    calls = []
+    calls, changes = [], []
 
-    def fake_train(db, run, cfg=None, model_cfg=None, *, init=None, resume=False, overrides=None, on_progress=None):
+    out_of_time = {"copy-4"}
+
+    def fake_train(db, run, cfg=None, model_cfg=None, *, init=None, model_changes=None, resume=False, overrides=None,
+                   on_progress=None):
         calls.append((run.name, resume, dict(overrides or {}), init and Path(init).relative_to(work).as_posix(),
                       cfg and cfg.copy_prob))
+        changes.append(model_changes)
         stage = next(s for s in recipe.BUNDLED_STAGES[::-1] if s.name == run.name)
-        stopped = "time limit" if run.name == "copy-4" else "done"
+        stopped = "time limit" if run.name in out_of_time else "done"
         if stopped == "done":
             reach(run, stage.target())
         return SimpleNamespace(step=stage.target(), steps=stage.target(), stopped=stopped, tokens=1, val_bpb=None,
@@ -286,3 +312,9 @@ def test_recipe_runs_each_stage_once_resuming_the_interrupted_one(tmp_path, monk
         ("copy-3", False, {"device": "cpu"}, "copy-2/step-00000500", 0.8),
         ("copy-4", False, {"device": "cpu"}, "copy-3/step-00000700", 0.4),
     ]  # copy-4 ran out of time: copy-5 waits for the rerun
+    calls.clear(), changes.clear(), out_of_time.clear()
+    reach(work / "copy-4", 150)  # where the time limit left it
+    recipe.step_train(work, tmp_path / "db", {"device": "cpu"})
+    assert [c[0] for c in calls] == ["copy-4", "copy-5", "copy-6", "copy-7", "copy-8"]
+    assert calls[0][1] is True and calls[2][3] == "copy-5/step-00000900"  # resumed; copy-6 from copy-5's end
+    assert changes[2] == {"enc_input_norm": True} and not changes[3]  # copy-6 adds the encoder's input norm

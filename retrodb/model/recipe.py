@@ -27,9 +27,11 @@ from pathlib import Path
 from .config import RetroConfig
 from .train import TrainConfig
 
-# 7.8M parameters (31 MB in fp32): what a few hours of a shared 2-core CPU can train.
+# 7.8M parameters (31 MB in fp32): what a few hours of a shared 2-core CPU can train. Built without the
+# encoder's input norm; stage copy-6 adds it (RetroConfig.enc_input_norm: without it the model never learned
+# to copy a neighbour verbatim).
 BUNDLED_MODEL = RetroConfig(vocab_size=8192, chunk_size=64, dim=256, n_layers=6, n_heads=4, head_dim=64, ffn_mult=4,
-                            cca_layers=None, enc_dim=128, enc_layers=2, enc_heads=2)
+                            cca_layers=None, enc_dim=128, enc_layers=2, enc_heads=2, enc_input_norm=False)
 # Stage 1, what one session of a shared 2-core CPU could train (about an hour, niced): 700 steps of 8 x 512 tokens,
 # the paper's data (neighbours from other documents only). It learned language, not to read its neighbours.
 BUNDLED_TRAIN = TrainConfig(seq_len=512, k=2, batch_size=8, steps=700, lr=2e-3, min_lr_ratio=0.1,
@@ -40,13 +42,15 @@ BUNDLED_TRAIN = TrainConfig(seq_len=512, k=2, batch_size=8, steps=700, lr=2e-3, 
 @dataclass(frozen=True)
 class Stage:
     """One training stage of the bundled model: run `name` in the work directory, started from the last
-    checkpoint of run `init` (new optimizer state), or continued (`resume`) with `overrides`."""
+    checkpoint of run `init` (new optimizer state; `model_changes` add modules: train.grown), or continued
+    (`resume`) with `overrides`."""
 
     name: str
     cfg: TrainConfig | None = None
     init: str | None = None
     resume: bool = False
     overrides: tuple = ()
+    model_changes: tuple = ()
 
     def target(self) -> int:
         o = dict(self.overrides)
@@ -63,7 +67,12 @@ def _copy_stage(steps: int, lr: float, warmup: int, seed: int, prob: float, nois
 # neighbour (TrainConfig.copy_prob / copy_noise, `plant_copies`). As run (2026-11-27/28, shared 2-core CPU):
 # stage 2 began with a 2,400-step schedule and, at step 325, was resumed with a 1,000-step one and stopped
 # at step 825; stage 4 (80% copies) taught copying but made unrelated neighbours cost 9% on validation,
-# so stages 5 and 6 plant fewer, closer copies.
+# so stages 5 and 6 plant fewer, closer copies. Copy-5 read its neighbours (21% lower bpb on a document once
+# it was added) but never copied one verbatim: a random-token copy task stayed at log V. Copy-6 adds the
+# encoder's input norm (RetroConfig.enc_input_norm, the cause) and made-up spans only the neighbour holds
+# (copy_span_prob); it was stopped at step 175 to plant more (copy-7: 80%, every copy with a span, stopped
+# at step 625), then copy-8 adds the document's own earlier chunk as a decoy second neighbour
+# (copy_decoy_prob), as retrieval returns it once the document is in the database.
 BUNDLED_STAGES = (
     Stage("run", BUNDLED_TRAIN),
     Stage("copy-1", _copy_stage(2400, 1e-3, 50, 1, 0.25, 0.25, 200, stop_at=325), init="run"),
@@ -72,6 +81,12 @@ BUNDLED_STAGES = (
     Stage("copy-3", _copy_stage(700, 5e-4, 20, 3, 0.8, 0.1, 350), init="copy-2"),
     Stage("copy-4", _copy_stage(200, 3e-4, 10, 4, 0.4, 0.15, 100), init="copy-3"),
     Stage("copy-5", _copy_stage(900, 4e-4, 20, 5, 0.5, 0.05, 300), init="copy-4"),
+    Stage("copy-6", _copy_stage(1500, 8e-4, 30, 6, 0.5, 0.05, 500, stop_at=175, copy_span_prob=0.5,
+                                copy_span_len=(4, 24)), init="copy-5", model_changes=(("enc_input_norm", True),)),
+    Stage("copy-7", _copy_stage(1500, 1e-3, 10, 7, 0.8, 0.02, 500, stop_at=625, copy_span_prob=1.0,
+                                copy_span_len=(8, 48)), init="copy-6"),
+    Stage("copy-8", _copy_stage(900, 8e-4, 10, 8, 0.7, 0.02, 300, copy_span_prob=0.7, copy_span_len=(8, 48),
+                                copy_decoy_prob=0.5), init="copy-7"),
 )
 
 VOCAB_SIZE = 8192
@@ -147,8 +162,8 @@ def step_train(work: Path, db: Path, overrides: dict) -> Path:
                            on_progress=lambda r: print(json.dumps(r), flush=True))
         else:
             init = latest_checkpoint(work / stage.init) if stage.init else None
-            report = train(db, run, stage.cfg, BUNDLED_MODEL, init=init, overrides=overrides,
-                           on_progress=lambda r: print(json.dumps(r), flush=True))
+            report = train(db, run, stage.cfg, BUNDLED_MODEL, init=init, model_changes=dict(stage.model_changes),
+                           overrides=overrides, on_progress=lambda r: print(json.dumps(r), flush=True))
         print(f"train {stage.name}: step {report.step}/{report.steps} ({report.stopped}), {report.tokens:,} tokens, "
               f"val bpb {report.val_bpb} / {report.val_bpb_no_retrieval} without retrieval", flush=True)
         if report.stopped == "time limit":

@@ -65,6 +65,8 @@ class TrainConfig:
     # the neighbour can predict (`plant_copies`), and the span's length in tokens.
     copy_span_prob: float = 0.0
     copy_span_len: tuple[int, int] = (4, 24)
+    # The share of planted copies whose second neighbour is the same text one chunk early (`plant_copies`).
+    copy_decoy_prob: float = 0.0
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -137,7 +139,7 @@ def grown(model: Retro, changes: dict) -> Retro:
 
 
 def plant_copies(batch: dict, m: int, prob: float, noise: float, vocab_size: int, seed: int,
-                 span_prob: float = 0.0, span_len: tuple[int, int] = (4, 24)) -> dict:
+                 span_prob: float = 0.0, span_len: tuple[int, int] = (4, 24), decoy_prob: float = 0.0) -> dict:
     """Give a share `prob` of the training chunks a near-duplicate of their own [N, F] as first neighbour.
 
     Why: RETRO learns to read its neighbours, and to copy from them, because a web-scale corpus is full
@@ -154,6 +156,11 @@ def plant_copies(batch: dict, m: int, prob: float, noise: float, vocab_size: int
     `span_prob` per planted copy, a span of `span_len` tokens of chunk u+1 (in the sequence and, through
     the copy, in the neighbour) is replaced by tokens drawn at random from the batch: a made-up string
     that only the neighbour can predict. The targets follow the changed inputs.
+
+    Once a document is in the database, its other chunks are retrieved too: for chunk u, [u-1, u] of the
+    same text comes second after [u, u+1] (score 1.0). A model that never saw that copies from the wrong
+    one. So, with probability `decoy_prob` per planted copy (u >= 1), the second neighbour is the copy
+    planted for chunk u-1: the same text, one chunk early.
 
     `seed` makes every choice a function of the step, so a resumed run plants the same copies (the random
     draws of span_prob = 0 are those of the first version of this function, so older stages reproduce).
@@ -181,6 +188,15 @@ def plant_copies(batch: dict, m: int, prob: float, noise: float, vocab_size: int
     pick = chosen[:, :, None, None]  # (B, C, 1, 1)
     shifted = torch.cat([own[:, :, None], old[:, :, :-1]], dim=2)  # (B, C, k, 2m)
     shifted_mask = torch.cat([own_mask[:, :, None], old_mask[:, :, :-1]], dim=2)
+    if decoy_prob > 0 and old.shape[2] >= 2 and C >= 2:
+        g3 = torch.Generator().manual_seed(seed * 11 + 0xDEC0)
+        decoy = (torch.rand(B, C, generator=g3) < decoy_prob) & chosen
+        decoy[:, 0] = False  # chunk 0 has no chunk before it
+        early = torch.cat([own[:, :1], own[:, :-1]], dim=1)  # (B, C, 2m): the copy planted for chunk u-1
+        early_mask = torch.cat([own_mask[:, :1], own_mask[:, :-1]], dim=1)
+        d = decoy[:, :, None]
+        shifted[:, :, 1] = torch.where(d, early, shifted[:, :, 1])
+        shifted_mask[:, :, 1] = torch.where(d, early_mask, shifted_mask[:, :, 1])
     out["neighbours"] = torch.where(pick, shifted, old)
     out["neighbour_mask"] = torch.where(pick, shifted_mask, old_mask)
     return out
@@ -400,7 +416,7 @@ def train(db_path: str | Path, out: str | Path, cfg: TrainConfig | None = None, 
                 group["lr"] = lr_at(step, cfg)
             planted = plant_copies(batch, model.cfg.chunk_size, cfg.copy_prob, cfg.copy_noise, model.cfg.vocab_size,
                                    seed=cfg.seed * 1_000_003 + step, span_prob=cfg.copy_span_prob,
-                                   span_len=cfg.copy_span_len)
+                                   span_len=cfg.copy_span_len, decoy_prob=cfg.copy_decoy_prob)
             loss = forward_loss(model, planted, device, dtype)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
