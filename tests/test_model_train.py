@@ -315,6 +315,6 @@ def test_recipe_runs_each_stage_once_resuming_the_interrupted_one(tmp_path, monk
     calls.clear(), changes.clear(), out_of_time.clear()
     reach(work / "copy-4", 150)  # where the time limit left it
     recipe.step_train(work, tmp_path / "db", {"device": "cpu"})
-    assert [c[0] for c in calls] == ["copy-4", "copy-5", "copy-6", "copy-7", "copy-8"]
+    assert [c[0] for c in calls] == ["copy-4", "copy-5", "copy-6", "copy-7", "copy-8", "copy-9", "copy-10"]
     assert calls[0][1] is True and calls[2][3] == "copy-5/step-00000900"  # resumed; copy-6 from copy-5's end
     assert changes[2] == {"enc_input_norm": True} and not changes[3]  # copy-6 adds the encoder's input norm

@@ -72,7 +72,9 @@ def _copy_stage(steps: int, lr: float, warmup: int, seed: int, prob: float, nois
 # encoder's input norm (RetroConfig.enc_input_norm, the cause) and made-up spans only the neighbour holds
 # (copy_span_prob); it was stopped at step 175 to plant more (copy-7: 80%, every copy with a span, stopped
 # at step 625), then copy-8 adds the document's own earlier chunk as a decoy second neighbour
-# (copy_decoy_prob), as retrieval returns it once the document is in the database.
+# (copy_decoy_prob), as retrieval returns it once the document is in the database; copy-9 plants shorter
+# spans; copy-10 exact copies (noise 0: a noisy copy teaches the model to prefer its own guess to a
+# surprising neighbour token, e.g. "@functools" for "@example" in a planted address).
 BUNDLED_STAGES = (
     Stage("run", BUNDLED_TRAIN),
     Stage("copy-1", _copy_stage(2400, 1e-3, 50, 1, 0.25, 0.25, 200, stop_at=325), init="run"),
@@ -87,6 +89,10 @@ BUNDLED_STAGES = (
                                 copy_span_len=(8, 48)), init="copy-6"),
     Stage("copy-8", _copy_stage(900, 8e-4, 10, 8, 0.7, 0.02, 300, copy_span_prob=0.7, copy_span_len=(8, 48),
                                 copy_decoy_prob=0.5), init="copy-7"),
+    Stage("copy-9", _copy_stage(700, 6e-4, 10, 9, 0.6, 0.02, 350, copy_span_prob=0.8, copy_span_len=(4, 32),
+                                copy_decoy_prob=0.5), init="copy-8"),
+    Stage("copy-10", _copy_stage(500, 4e-4, 10, 10, 0.6, 0.0, 250, copy_span_prob=0.8, copy_span_len=(4, 32),
+                                 copy_decoy_prob=0.5), init="copy-9"),
 )
 
 VOCAB_SIZE = 8192
