@@ -78,8 +78,7 @@ def train(
     bar = None if out_.json else TrainBar(out_)
     try:
         report = run_train(db, out, train_cfg, model_cfg, init=init, model_changes=model_changes, resume=resume,
-                           overrides=overrides,
-                           on_progress=out_.record if out_.json else bar)
+                           overrides=overrides, on_progress=out_.record if out_.json else bar)
     finally:
         if bar is not None:
             bar.stop()

@@ -169,11 +169,9 @@ def _groups_after(root: Path, edit: ManifestEdit, track) -> list[GroupRef]:
         seg = edit.changed[number]
         if seg is None:
             gone.setdefault(i, []).append(number)
-        else:
-            added_or_changed.add(i)
-        if seg is None:
             touched[i].pop(number, None)
         else:
+            added_or_changed.add(i)
             touched[i][number] = seg
     out: list[tuple[int, list[Segment] | GroupRef]] = []  # (lo, new segments or an untouched ref)
     if -1 in touched:

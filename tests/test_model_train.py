@@ -234,6 +234,8 @@ def test_a_saved_model_without_the_encoder_input_norm_loads_as_it_was_and_can_gr
     assert grown(back, {"enc_input_norm": False}) is back
     with pytest.raises(ConfigMismatch, match="dim"):
         grown(back, {"dim": 64})
+    with pytest.raises(ConfigMismatch, match="bogus"):
+        grown(back, {"bogus": 1})
 
 
 def test_plant_copies_spans_are_made_up_tokens_only_the_neighbour_holds():

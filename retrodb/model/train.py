@@ -124,7 +124,7 @@ ADDABLE = {"enc_input_norm": "encoder.in_norm."}  # RetroConfig fields that only
 def grown(model: Retro, changes: dict) -> Retro:
     """`model` with `changes` to its config that only add modules (ADDABLE), the new parameters initialised as in
     a fresh model and every other weight kept."""
-    changed = {k: v for k, v in changes.items() if getattr(model.cfg, k) != v}
+    changed = {k: v for k, v in changes.items() if getattr(model.cfg, k, None) != v}  # unknown fields: refused below
     if not changed:
         return model
     if set(changed) - set(ADDABLE):
@@ -290,16 +290,17 @@ def hardware(device: str) -> str:
 
 def train(db_path: str | Path, out: str | Path, cfg: TrainConfig | None = None, model_cfg: RetroConfig | None = None,
           *, init: str | Path | None = None, model_changes: dict | None = None, resume: bool = False,
-          overrides: dict | None = None,
-          datasets: tuple | None = None, on_progress: Callable[[dict], None] | None = None) -> TrainReport:
+          overrides: dict | None = None, datasets: tuple | None = None,
+          on_progress: Callable[[dict], None] | None = None) -> TrainReport:
     """Train on the database at `db_path`, writing checkpoints and metrics.jsonl to `out`.
 
     `model_cfg` sets the architecture of a new model (its vocabulary is the database tokenizer's);
     `init` starts from the weights of a model directory instead (its tokenizer must be the
     database's), with `model_changes` (RetroConfig fields) applied when they only add modules
-    (enc_input_norm: the new parameters start as a fresh model's). `resume` continues the run in `out` from its last checkpoint, with its saved
-    configuration updated by `overrides` (e.g. more `steps`). `datasets` = (train, val) replaces
-    the database's (tests). `on_progress(dict)` is called every `log_every` steps.
+    (enc_input_norm: the new parameters start as a fresh model's). `resume` continues the run in
+    `out` from its last checkpoint, with its saved configuration updated by `overrides` (e.g. more
+    `steps`). `datasets` = (train, val) replaces the database's (tests). `on_progress(dict)` is
+    called every `log_every` steps.
     """
     from ..database import open as open_db
     from ..tokenizer import load_tokenizer, tokenizer_info
